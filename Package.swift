@@ -1,0 +1,44 @@
+// swift-tools-version:5.9
+import PackageDescription
+
+// Layout: Sources/ holds the shared core, compression, the engine and the CLI; Formats/
+// holds one target per disk-image format. A format depends on DiskImage (and Compression)
+// only, never on another format or on Convert.
+let package = Package(
+  name: "lacuna",
+  platforms: [.macOS(.v13)],
+  products: [
+    .executable(name: "lacuna", targets: ["lacuna"])
+  ],
+  dependencies: [
+    .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0")
+  ],
+  targets: [
+    .target(name: "CLacunaSys", path: "Sources/CLacunaSys"),
+    .systemLibrary(
+      name: "CZlib", path: "Sources/CZlib", providers: [.apt(["zlib1g-dev"])]),
+    .systemLibrary(
+      name: "CZstd", path: "Sources/CZstd", providers: [.apt(["libzstd-dev"])]),
+    .target(name: "DiskImage", dependencies: ["CLacunaSys"], path: "Sources/DiskImage"),
+    .target(name: "Compression", dependencies: ["CZlib", "CZstd"], path: "Sources/Compression"),
+    .target(name: "Raw", dependencies: ["DiskImage"], path: "Formats/Raw", exclude: ["README.md"]),
+    .target(
+      name: "QCOW2", dependencies: ["DiskImage", "Compression"], path: "Formats/QCOW2",
+      exclude: ["README.md"]),
+    .target(name: "Convert", dependencies: ["DiskImage"], path: "Sources/Convert"),
+    .executableTarget(
+      name: "lacuna",
+      dependencies: [
+        "DiskImage", "Convert", "Raw", "QCOW2",
+        .product(name: "ArgumentParser", package: "swift-argument-parser"),
+      ],
+      path: "Sources/lacuna"),
+    .testTarget(name: "DiskImageTests", dependencies: ["DiskImage", "Raw"], path: "Tests/DiskImageTests"),
+    .testTarget(name: "CompressionTests", dependencies: ["Compression"], path: "Tests/CompressionTests"),
+    .testTarget(name: "QCOW2Tests", dependencies: ["QCOW2", "DiskImage"], path: "Tests/QCOW2Tests"),
+    .testTarget(
+      name: "ConvertTests", dependencies: ["Convert", "DiskImage", "Raw", "QCOW2"],
+      path: "Tests/ConvertTests"),
+    .testTarget(name: "LacunaTests", dependencies: ["lacuna"], path: "Tests/LacunaTests"),
+  ]
+)

@@ -1,0 +1,37 @@
+// System calls that Swift's Glibc module hides (they need _GNU_SOURCE) or that must be
+// async-signal-safe. The header includes only <stddef.h> and <stdint.h>: defining
+// _GNU_SOURCE here would give Glibc's structs a second, clashing definition in Swift.
+// shim.c defines _GNU_SOURCE and holds the real calls.
+#ifndef CLACUNASYS_H
+#define CLACUNASYS_H
+#include <stddef.h>
+#include <stdint.h>
+
+/// lseek(fd, offset, SEEK_DATA); -1 with errno (ENXIO: no data at or after offset).
+int64_t lacuna_seek_data(int fd, int64_t offset);
+
+/// lseek(fd, offset, SEEK_HOLE); the end of the file counts as a hole.
+int64_t lacuna_seek_hole(int fd, int64_t offset);
+
+/// fallocate(fd, 0, offset, length): reserve blocks, extending the file if needed.
+int lacuna_fallocate(int fd, int64_t offset, int64_t length);
+
+/// fallocate(fd, PUNCH_HOLE|KEEP_SIZE, ...): free blocks, reads return zeros.
+int lacuna_punch_hole(int fd, int64_t offset, int64_t length);
+
+/// mkostemp(template, O_CLOEXEC): create a new file from a XXXXXX template.
+int lacuna_make_temporary(char *template_path);
+
+/// True when all `length` bytes at `buffer` are zero (vectorised by the compiler and libc).
+int lacuna_is_zero(const void *buffer, size_t length);
+
+/// Remember a path to unlink if SIGINT, SIGTERM or SIGHUP arrives. Returns a slot, or -1
+/// when the table is full.
+int lacuna_cleanup_register(const char *path);
+/// Forget a slot once its file was renamed into place or removed.
+void lacuna_cleanup_unregister(int slot);
+/// Install the handlers: unlink every registered path, then die of the same signal.
+/// Also ignores SIGPIPE and SIGXFSZ so that writes fail with EPIPE and EFBIG instead.
+void lacuna_install_signal_handlers(void);
+
+#endif

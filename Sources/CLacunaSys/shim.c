@@ -1,0 +1,80 @@
+#define _GNU_SOURCE 1
+#include "CLacunaSys.h"
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <signal.h>
+#include <sys/types.h>
+#include <unistd.h>
+#include <stdlib.h>
+#include <string.h>
+
+int64_t lacuna_seek_data(int fd, int64_t offset) {
+  return (int64_t)lseek(fd, (off_t)offset, SEEK_DATA);
+}
+
+int64_t lacuna_seek_hole(int fd, int64_t offset) {
+  return (int64_t)lseek(fd, (off_t)offset, SEEK_HOLE);
+}
+
+int lacuna_fallocate(int fd, int64_t offset, int64_t length) {
+  return fallocate(fd, 0, (off_t)offset, (off_t)length);
+}
+
+int lacuna_punch_hole(int fd, int64_t offset, int64_t length) {
+  return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);
+}
+
+int lacuna_make_temporary(char *template_path) {
+  return mkostemp(template_path, O_CLOEXEC);
+}
+
+int lacuna_is_zero(const void *buffer, size_t length) {
+  const unsigned char *p = buffer;
+  // Check a head by hand so the memcmp below compares the buffer with itself shifted
+  // by 16 bytes: any non-zero byte then shows as a mismatch or in the head.
+  size_t head = length < 16 ? length : 16;
+  for (size_t i = 0; i < head; i++)
+    if (p[i]) return 0;
+  if (length <= 16) return 1;
+  return memcmp(p, p + 16, length - 16) == 0;
+}
+
+#define CLEANUP_SLOTS 64
+static char *volatile cleanup_paths[CLEANUP_SLOTS];
+
+int lacuna_cleanup_register(const char *path) {
+  char *copy = strdup(path);
+  if (!copy) return -1;
+  for (int i = 0; i < CLEANUP_SLOTS; i++) {
+    if (__sync_bool_compare_and_swap(&cleanup_paths[i], (char *)0, copy)) return i;
+  }
+  free(copy);
+  return -1;
+}
+
+void lacuna_cleanup_unregister(int slot) {
+  if (slot < 0 || slot >= CLEANUP_SLOTS) return;
+  char *old = __sync_lock_test_and_set(&cleanup_paths[slot], (char *)0);
+  free(old);
+}
+
+static void cleanup_and_die(int sig) {
+  for (int i = 0; i < CLEANUP_SLOTS; i++) {
+    char *path = cleanup_paths[i];
+    if (path) unlink(path);
+  }
+  signal(sig, SIG_DFL);
+  raise(sig);
+}
+
+void lacuna_install_signal_handlers(void) {
+  struct sigaction action;
+  memset(&action, 0, sizeof action);
+  action.sa_handler = cleanup_and_die;
+  sigemptyset(&action.sa_mask);
+  sigaction(SIGINT, &action, NULL);
+  sigaction(SIGTERM, &action, NULL);
+  sigaction(SIGHUP, &action, NULL);
+  signal(SIGPIPE, SIG_IGN);
+  signal(SIGXFSZ, SIG_IGN);
+}

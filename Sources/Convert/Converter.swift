@@ -1,0 +1,280 @@
+import DiskImage
+import Foundation
+
+/// How a conversion runs.
+public struct ConvertOptions {
+  /// Worker threads that read, detect zeros and compress (`-m`).
+  public var threads: Int = max(2, ProcessInfo.processInfo.activeProcessorCount)
+  /// `-S`: blocks of this many bytes that are all zero are not written; 0 writes every
+  /// byte, holes included.
+  public var sparseSize: Int = 4096
+  /// The virtual-disk span one work unit covers (rounded up to the writer's granularity).
+  public var unitSize: Int = 2 << 20
+  /// How much of the virtual disk is mapped at a time.
+  public var windowSize: Int64 = 64 << 20
+  /// Reads of the same layer separated by a hole no larger than this are done as one read.
+  public var readGapLimit: Int64 = 64 << 10
+  /// Stop descending the chain at this layer: what the layers above leave unallocated
+  /// is the output's backing file's business (`-B` naming a layer of the chain).
+  public var stopDepth: Int?
+  /// Called with (bytes done, bytes total) as the work proceeds, from the writing thread.
+  public var progress: ((Int64, Int64) -> Void)?
+
+  public init() {}
+}
+
+/// What a conversion did, for the summary line.
+public struct ConvertStatistics: Equatable {
+  public var virtualSize: Int64 = 0
+  /// Bytes read from the layers of the source.
+  public var bytesRead: Int64 = 0
+  /// Bytes handed to the writer as data.
+  public var bytesWritten: Int64 = 0
+  /// Bytes read that turned out to be zero blocks and were not written.
+  public var zeroBytesSkipped: Int64 = 0
+  /// Bytes the map said were holes or zeros: never read.
+  public var holeBytes: Int64 = 0
+  /// Bytes left to the output's backing file.
+  public var backingBytes: Int64 = 0
+}
+
+/// The engine: maps the source chain window by window, reads only what is data, drops
+/// zero blocks, and hands the writer runs of data and zeros in virtual-disk order.
+public final class Converter {
+  let chain: Chain
+  let writer: ImageWriter
+  let options: ConvertOptions
+
+  public init(chain: Chain, writer: ImageWriter, options: ConvertOptions = ConvertOptions()) {
+    self.chain = chain
+    self.writer = writer
+    self.options = options
+  }
+
+  /// A piece of a work unit: where its bytes come from.
+  enum Source: Equatable {
+    case layer(Int)  // read from this layer of the chain
+    case zero  // reads as zero; the writer must make it so
+    case backing  // left to the output's backing file
+  }
+
+  struct Segment {
+    var range: Range<Int64>
+    var source: Source
+  }
+
+  /// One step for the writer, in disk order: runs to pass on as they are, or a unit whose
+  /// data a worker must read first.
+  enum Item {
+    case runs([Run])
+    case unit([Segment])
+  }
+
+  enum RunKind { case data, zero, backing }
+
+  struct Run {
+    var range: Range<Int64>
+    var kind: RunKind
+  }
+
+  /// A unit after a worker read it: the bytes and how they split into data and zeros.
+  final class FilledUnit {
+    let start: Int64
+    let buffer: UnsafeMutableRawBufferPointer
+    let runs: [Run]
+    let bytesRead: Int64
+
+    init(start: Int64, buffer: UnsafeMutableRawBufferPointer, runs: [Run], bytesRead: Int64) {
+      self.start = start
+      self.buffer = buffer
+      self.runs = runs
+      self.bytesRead = bytesRead
+    }
+
+    deinit { buffer.deallocate() }
+  }
+
+  /// Runs the conversion, then `writer.finish()`. On any error, `writer.abandon()`.
+  @discardableResult
+  public func run() throws -> ConvertStatistics {
+    do {
+      let statistics = try convert()
+      try writer.finish()
+      return statistics
+    } catch {
+      writer.abandon()
+      throw error
+    }
+  }
+
+  private func convert() throws -> ConvertStatistics {
+    var statistics = ConvertStatistics()
+    let total = chain.virtualSize
+    statistics.virtualSize = total
+    let granularity = Int64(max(writer.granularity, 1))
+    let unit = (Int64(options.unitSize) + granularity - 1) / granularity * granularity
+    let window = max(options.windowSize / unit, 1) * unit
+    let sparseSize = options.sparseSize
+
+    let pipeline = OrderedPipeline<[Segment], FilledUnit>(
+      threads: options.threads, capacity: options.threads * 2
+    ) { [chain] segments in try Converter.fill(segments, chain: chain, sparseSize: sparseSize) }
+    defer { pipeline.shutdown() }
+
+    // Items waiting for the writer, in disk order; units are placeholders for results.
+    var waiting: [Item] = []
+    var waitingHead = 0
+    var done: Int64 = 0
+
+    func writeRuns(_ runs: [Run], from filled: FilledUnit?) throws {
+      for run in runs {
+        switch run.kind {
+        case .data:
+          let unit = filled!
+          let slice = UnsafeRawBufferPointer(
+            rebasing: unit.buffer[Int(run.range.lowerBound - unit.start)..<Int(run.range.upperBound - unit.start)])
+          try writer.write(slice, at: run.range.lowerBound)
+          statistics.bytesWritten += Int64(run.range.count)
+        case .zero:
+          try writer.writeZeroes(run.range)
+          if filled != nil { statistics.zeroBytesSkipped += Int64(run.range.count) } else {
+            statistics.holeBytes += Int64(run.range.count)
+          }
+        case .backing:
+          statistics.backingBytes += Int64(run.range.count)
+        }
+        done += Int64(run.range.count)
+      }
+      options.progress?(done, total)
+    }
+
+    func drainOne() throws {
+      let item = waiting[waitingHead]
+      waitingHead += 1
+      switch item {
+      case .runs(let runs): try writeRuns(runs, from: nil)
+      case .unit:
+        let filled = try pipeline.takeNext()
+        statistics.bytesRead += filled.bytesRead
+        try writeRuns(filled.runs, from: filled)
+      }
+      if waitingHead > 1024 && waitingHead * 2 > waiting.count {
+        waiting.removeFirst(waitingHead)
+        waitingHead = 0
+      }
+    }
+
+    var windowStart: Int64 = 0
+    while windowStart < total {
+      let windowEnd = min(total, windowStart + window)
+      let extents = try chain.extents(in: windowStart..<windowEnd, stopDepth: options.stopDepth)
+      for item in Converter.items(extents, unit: unit, writeZeroBlocks: sparseSize == 0) {
+        if case .unit(let segments) = item {
+          while pipeline.isFull { try drainOne() }
+          pipeline.submit(segments)
+        }
+        waiting.append(item)
+        while waiting.count - waitingHead > 4096 { try drainOne() }
+      }
+      windowStart = windowEnd
+    }
+    while waitingHead < waiting.count { try drainOne() }
+    return statistics
+  }
+
+  /// Cuts a window's extents into writer steps: each unit-sized, unit-aligned chunk of the
+  /// disk that holds any data becomes one unit covering the whole chunk (so a unit never
+  /// splits a cluster); chunks without data pass straight to the writer as runs.
+  static func items(_ extents: [LayeredExtent], unit: Int64, writeZeroBlocks: Bool) -> [Item] {
+    var items: [Item] = []
+    var chunk: [Segment] = []
+    var chunkHasData = false
+    var chunkEnd: Int64 = -1
+
+    func flush() {
+      guard !chunk.isEmpty else { return }
+      if chunkHasData {
+        items.append(.unit(chunk))
+      } else {
+        let runs = chunk.map { Run(range: $0.range, kind: $0.source == .backing ? .backing : .zero) }
+        if case .runs(let previous)? = items.last {
+          items[items.count - 1] = .runs(merge(previous + runs))
+        } else {
+          items.append(.runs(merge(runs)))
+        }
+      }
+      chunk = []
+      chunkHasData = false
+    }
+
+    for extent in extents {
+      let source: Source
+      switch extent.kind {
+      case .data: source = .layer(extent.depth)
+      case .zero: source = writeZeroBlocks ? .layer(-1) : .zero
+      case .unallocated: source = .backing
+      }
+      var position = extent.range.lowerBound
+      while position < extent.range.upperBound {
+        if position >= chunkEnd {
+          flush()
+          chunkEnd = (position / unit + 1) * unit
+        }
+        let end = min(extent.range.upperBound, chunkEnd)
+        if case .layer = source { chunkHasData = true }
+        chunk.append(Segment(range: position..<end, source: source))
+        position = end
+      }
+    }
+    flush()
+    return items
+  }
+
+  static func merge(_ runs: [Run]) -> [Run] {
+    var merged: [Run] = []
+    for run in runs {
+      if let last = merged.last, last.kind == run.kind, last.range.upperBound == run.range.lowerBound {
+        merged[merged.count - 1].range = last.range.lowerBound..<run.range.upperBound
+      } else {
+        merged.append(run)
+      }
+    }
+    return merged
+  }
+
+  /// A worker's job: read a unit's data segments, then split them into data and zero runs
+  /// at `sparseSize` blocks aligned to the disk. Segments known to be zero are not read.
+  static func fill(_ segments: [Segment], chain: Chain, sparseSize: Int) throws -> FilledUnit {
+    let start = segments.first!.range.lowerBound
+    let end = segments.last!.range.upperBound
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(end - start), alignment: 4096)
+    var runs: [Run] = []
+    var bytesRead: Int64 = 0
+    do {
+      for segment in segments {
+        let slice = UnsafeMutableRawBufferPointer(
+          rebasing: buffer[Int(segment.range.lowerBound - start)..<Int(segment.range.upperBound - start)])
+        switch segment.source {
+        case .layer(let depth):
+          if depth >= 0 {
+            try chain.layers[depth].read(into: slice, at: segment.range.lowerBound)
+            bytesRead += Int64(slice.count)
+          } else {
+            slice.initializeMemory(as: UInt8.self, repeating: 0)
+          }
+          for piece in zeroRuns(UnsafeRawBufferPointer(slice), at: segment.range.lowerBound, blockSize: sparseSize) {
+            runs.append(Run(range: piece.range, kind: piece.isZero ? .zero : .data))
+          }
+        case .zero:
+          runs.append(Run(range: segment.range, kind: .zero))
+        case .backing:
+          runs.append(Run(range: segment.range, kind: .backing))
+        }
+      }
+    } catch {
+      buffer.deallocate()
+      throw error
+    }
+    return FilledUnit(start: start, buffer: buffer, runs: merge(runs), bytesRead: bytesRead)
+  }
+}

@@ -1,0 +1,92 @@
+import DiskImage
+
+/// A range of the virtual disk as the whole chain sees it.
+public struct LayeredExtent: Equatable, CustomStringConvertible {
+  public var range: Range<Int64>
+  /// `.data` or `.zero` as the layer at `depth` answered. `.unallocated` appears only when
+  /// the walk was told to stop above a layer (`stopDepth`): the range is that layer's.
+  public var kind: ExtentKind
+  /// False where no layer holds the range (it reads as zero) or it lies past the end of a
+  /// shorter backing file, and for `.unallocated`; `map` prints it as `present`.
+  public var present: Bool
+  /// The index of the layer that answered (for unallocated: the deepest layer asked).
+  public var depth: Int
+  /// Where the bytes sit in that layer's file, when they sit there plainly.
+  public var hostOffset: Int64?
+
+  public var length: Int64 { range.upperBound - range.lowerBound }
+
+  public var description: String {
+    (present ? "" : "~") + "\(kind)[\(range.lowerBound)..<\(range.upperBound)]@\(depth)" + (hostOffset.map { "+\($0)" } ?? "")
+  }
+}
+
+extension Chain {
+  /// The extents of `range` through the chain: ask the top layer; pass only what it leaves
+  /// unallocated to the next layer down. A layer shorter than the one above reads as zeros
+  /// past its end. Stops descending at `stopDepth` (exclusive): what is unallocated in the
+  /// layers above it is reported `unallocated` (used for `-B` with a layer of the chain).
+  public func extents(in range: Range<Int64>, stopDepth: Int? = nil) throws -> [LayeredExtent] {
+    var result: [LayeredExtent] = []
+    try collect(range, depth: 0, limit: stopDepth ?? layers.count, into: &result)
+    return result
+  }
+
+  private func collect(
+    _ range: Range<Int64>, depth: Int, limit: Int, into result: inout [LayeredExtent]
+  ) throws {
+    let layer = layers[depth]
+    let inside = range.clamped(to: 0..<layer.virtualSize)
+    if !inside.isEmpty {
+      for extent in try layer.allExtents(in: inside) {
+        if extent.kind != .unallocated {
+          append(LayeredExtent(range: extent.range, kind: extent.kind, present: true, depth: depth, hostOffset: extent.hostOffset), to: &result)
+        } else if depth + 1 < limit {
+          try collect(extent.range, depth: depth + 1, limit: limit, into: &result)
+        } else {
+          // Cut short by stopDepth: the layer below owns it. At the bottom: nobody does.
+          let cut = limit < layers.count
+          append(LayeredExtent(range: extent.range, kind: cut ? .unallocated : .zero, present: false, depth: depth, hostOffset: nil), to: &result)
+        }
+      }
+    }
+    // Past this layer's end: zeros, answered by the layer above it (as qemu-img map does).
+    let past = max(range.lowerBound, layer.virtualSize)..<range.upperBound
+    if !past.isEmpty {
+      append(LayeredExtent(range: past, kind: .zero, present: false, depth: max(0, depth - 1), hostOffset: nil), to: &result)
+    }
+  }
+
+  private func append(_ extent: LayeredExtent, to result: inout [LayeredExtent]) {
+    guard extent.length > 0 else { return }
+    if var last = result.last, last.kind == extent.kind, last.present == extent.present, last.depth == extent.depth,
+      last.range.upperBound == extent.range.lowerBound
+    {
+      switch (last.hostOffset, extent.hostOffset) {
+      case (nil, nil): break
+      case let (a?, b?) where a + last.length == b: break
+      default:
+        result.append(extent)
+        return
+      }
+      last.range = last.range.lowerBound..<extent.range.upperBound
+      result[result.count - 1] = last
+    } else {
+      result.append(extent)
+    }
+  }
+
+  /// Reads `buffer.count` bytes of the virtual disk at `offset` through the chain.
+  public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws {
+    let range = offset..<offset + Int64(buffer.count)
+    for extent in try extents(in: range) {
+      let slice = UnsafeMutableRawBufferPointer(
+        rebasing: buffer[Int(extent.range.lowerBound - offset)..<Int(extent.range.upperBound - offset)])
+      if extent.kind == .data {
+        try layers[extent.depth].read(into: slice, at: extent.range.lowerBound)
+      } else {
+        slice.initializeMemory(as: UInt8.self, repeating: 0)
+      }
+    }
+  }
+}

@@ -1,0 +1,38 @@
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// The one error type of the image layer. Every case names the file; the description is
+/// one line: `path: what failed: why`.
+public enum ImageError: Error, CustomStringConvertible, Equatable {
+  /// A system call failed. `operation` says what we were doing ("read 65536 bytes at 0x10000").
+  case system(path: String, operation: String, errno: Int32)
+  /// The file is damaged or is not what it claims: expected against found.
+  case invalid(path: String, String)
+  /// The file is valid but uses something lacuna does not do.
+  case unsupported(path: String, String)
+  /// The user asked for something that cannot be done with this file.
+  case usage(path: String, String)
+
+  public var path: String {
+    switch self {
+    case .system(let path, _, _), .invalid(let path, _), .unsupported(let path, _),
+      .usage(let path, _):
+      return path
+    }
+  }
+
+  public var description: String {
+    switch self {
+    case .system(let path, let operation, let code):
+      return "\(path): \(operation): \(String(cString: strerror(code)))"
+    case .invalid(let path, let message), .unsupported(let path, let message),
+      .usage(let path, let message):
+      return "\(path): \(message)"
+    }
+  }
+}
+
+/// Formats a byte offset the way error messages and the human `map` output show them.
+public func hex(_ value: Int64) -> String { "0x" + String(value, radix: 16) }
+public func hex(_ value: UInt64) -> String { "0x" + String(value, radix: 16) }

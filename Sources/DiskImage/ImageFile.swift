@@ -1,0 +1,224 @@
+import CLacunaSys
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// An open file of an image, read-only or writable, addressed by absolute offsets.
+/// Safe to use from several threads at once: every call is a positioned system call.
+public final class ImageFile: @unchecked Sendable {
+  /// The path as the user or the referring image gave it; used in every error.
+  public let path: String
+  public let descriptor: Int32
+  public let writable: Bool
+  private var closed = false
+
+  private init(path: String, descriptor: Int32, writable: Bool) {
+    self.path = path
+    self.descriptor = descriptor
+    self.writable = writable
+  }
+
+  deinit { close() }
+
+  /// Opens an existing file read-only. Inputs are never opened for writing.
+  ///
+  /// The corresponding C function is `open(path, O_RDONLY | O_CLOEXEC)`.
+  public static func openForReading(_ path: String) throws -> ImageFile {
+    let fd = retryingOnInterrupt { open(path, O_RDONLY | O_CLOEXEC) }
+    guard fd >= 0 else { throw ImageError.system(path: path, operation: "open", errno: errno) }
+    let file = ImageFile(path: path, descriptor: fd, writable: false)
+    var info = stat()
+    if fstat(fd, &info) == 0, (info.st_mode & S_IFMT) == S_IFDIR {
+      throw ImageError.usage(path: path, "is a directory, not an image")
+    }
+    return file
+  }
+
+  /// Wraps a descriptor opened for writing (by `OutputFile`).
+  public static func adoptWritable(descriptor: Int32, path: String) -> ImageFile {
+    ImageFile(path: path, descriptor: descriptor, writable: true)
+  }
+
+  /// Closes the descriptor; later calls fail with EBADF. Safe to call twice.
+  public func close() {
+    guard !closed else { return }
+    closed = true
+    _ = Glibc.close(descriptor)
+  }
+
+  /// Closes the descriptor and reports a failure (on some file systems the last write
+  /// error shows only here).
+  public func closeChecked() throws {
+    guard !closed else { return }
+    closed = true
+    if Glibc.close(descriptor) != 0 {
+      throw ImageError.system(path: path, operation: "close", errno: errno)
+    }
+  }
+
+  /// The file's metadata. The corresponding C function is `fstat`.
+  public func status() throws -> stat {
+    var info = stat()
+    guard fstat(descriptor, &info) == 0 else {
+      throw ImageError.system(path: path, operation: "stat", errno: errno)
+    }
+    return info
+  }
+
+  /// The file's size in bytes.
+  public func size() throws -> Int64 { Int64(try status().st_size) }
+
+  /// Bytes of storage the file occupies (`st_blocks * 512`), as `du` counts them.
+  public func allocatedSize() throws -> Int64 { Int64(try status().st_blocks) * 512 }
+
+  /// Reads up to `buffer.count` bytes at `offset`, retrying short reads; returns how many
+  /// were read (fewer only at the end of the file).
+  ///
+  /// The corresponding C function is `pread`.
+  public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws -> Int {
+    var done = 0
+    while done < buffer.count {
+      let n = pread(descriptor, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+      if n < 0 {
+        if errno == EINTR { continue }
+        throw ImageError.system(
+          path: path, operation: "read \(buffer.count) bytes at \(hex(offset))", errno: errno)
+      }
+      if n == 0 { break }
+      done += n
+    }
+    return done
+  }
+
+  /// Reads exactly `buffer.count` bytes at `offset`; running into the end of the file is an
+  /// error naming `what` was being read (damage is never read as zeros).
+  public func readExactly(
+    into buffer: UnsafeMutableRawBufferPointer, at offset: Int64, what: @autoclosure () -> String
+  ) throws {
+    let n = try read(into: buffer, at: offset)
+    if n < buffer.count {
+      let size = (try? self.size()) ?? -1
+      throw ImageError.invalid(
+        path: path,
+        "\(what()) at \(hex(offset)) (\(buffer.count) bytes) runs past the end of the file (size \(hex(size)))"
+      )
+    }
+  }
+
+  /// Reads exactly `count` bytes at `offset` into a new array.
+  public func readBytes(count: Int, at offset: Int64, what: @autoclosure () -> String) throws -> [UInt8] {
+    var bytes = [UInt8](repeating: 0, count: count)
+    try bytes.withUnsafeMutableBytes { try readExactly(into: $0, at: offset, what: what()) }
+    return bytes
+  }
+
+  /// Writes all of `bytes` at `offset`, retrying short writes.
+  ///
+  /// The corresponding C function is `pwrite`.
+  public func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64) throws {
+    var done = 0
+    while done < bytes.count {
+      let n = pwrite(descriptor, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
+      if n < 0 {
+        if errno == EINTR { continue }
+        throw ImageError.system(
+          path: path, operation: "write \(bytes.count) bytes at \(hex(offset))", errno: errno)
+      }
+      done += n
+    }
+  }
+
+  /// Sets the file's size; growing leaves a hole. The corresponding C function is `ftruncate`.
+  public func truncate(to size: Int64) throws {
+    guard retryingOnInterrupt({ ftruncate(descriptor, off_t(size)) }) == 0 else {
+      throw ImageError.system(path: path, operation: "resize to \(size) bytes", errno: errno)
+    }
+  }
+
+  /// Reserves blocks for `range`, extending the file if needed. The corresponding C
+  /// function is `fallocate(fd, 0, ...)`.
+  public func allocate(_ range: Range<Int64>) throws {
+    guard range.count > 0 else { return }
+    guard retryingOnInterrupt({ lacuna_fallocate(descriptor, range.lowerBound, range.upperBound - range.lowerBound) }) == 0 else {
+      throw ImageError.system(path: path, operation: "reserve space (fallocate)", errno: errno)
+    }
+  }
+
+  /// Frees the blocks of `range`; it then reads as zeros and the size is kept. Returns false
+  /// when the file system cannot punch holes (the caller falls back to writing zeros).
+  /// The corresponding C function is `fallocate(fd, PUNCH_HOLE | KEEP_SIZE, ...)`.
+  public func punchHole(_ range: Range<Int64>) throws -> Bool {
+    guard range.count > 0 else { return true }
+    if retryingOnInterrupt({ lacuna_punch_hole(descriptor, range.lowerBound, range.upperBound - range.lowerBound) }) == 0 {
+      return true
+    }
+    if errno == EOPNOTSUPP || errno == ENOSYS { return false }
+    throw ImageError.system(path: path, operation: "punch a hole at \(hex(range.lowerBound))", errno: errno)
+  }
+
+  /// Flushes the file's data and metadata to stable storage. The corresponding C function is `fsync`.
+  public func synchronize() throws {
+    guard retryingOnInterrupt({ fsync(descriptor) }) == 0 else {
+      throw ImageError.system(path: path, operation: "fsync", errno: errno)
+    }
+  }
+
+  /// The data extents of `range` as the file system reports them, by walking SEEK_DATA and
+  /// SEEK_HOLE once: two calls per data extent, however small the blocks. Ranges between
+  /// the returned ones are holes. Past the end of the file counts as a hole.
+  /// Returns nil when the file system does not support SEEK_DATA (then all is data).
+  ///
+  /// The corresponding C function is `lseek` with `SEEK_DATA` and `SEEK_HOLE`.
+  public func dataRanges(in range: Range<Int64>) throws -> [Range<Int64>]? {
+    var result: [Range<Int64>] = []
+    var position = range.lowerBound
+    while position < range.upperBound {
+      let dataStart = lacuna_seek_data(descriptor, position)
+      if dataStart < 0 {
+        if errno == ENXIO { break }
+        if errno == EINVAL || errno == EOPNOTSUPP { return nil }
+        throw ImageError.system(path: path, operation: "find data (SEEK_DATA) from \(hex(position))", errno: errno)
+      }
+      if dataStart >= range.upperBound { break }
+      var holeStart = lacuna_seek_hole(descriptor, dataStart)
+      if holeStart < 0 {
+        if errno == ENXIO { holeStart = range.upperBound } else {
+          throw ImageError.system(path: path, operation: "find a hole (SEEK_HOLE) from \(hex(dataStart))", errno: errno)
+        }
+      }
+      let end = min(holeStart, range.upperBound)
+      result.append(dataStart..<end)
+      position = end
+    }
+    return result
+  }
+
+  /// The device and inode that identify the file, to refuse writing over an input.
+  public func identity() throws -> FileIdentity {
+    let info = try status()
+    return FileIdentity(device: UInt64(info.st_dev), inode: UInt64(info.st_ino))
+  }
+}
+
+/// A file's identity on this machine, whatever path reaches it.
+public struct FileIdentity: Hashable, Sendable {
+  public var device: UInt64
+  public var inode: UInt64
+
+  /// The identity of the file at `path`, or nil when nothing is there.
+  public static func of(path: String) -> FileIdentity? {
+    var info = stat()
+    guard stat(path, &info) == 0 else { return nil }
+    return FileIdentity(device: UInt64(info.st_dev), inode: UInt64(info.st_ino))
+  }
+}
+
+@inline(__always)
+func retryingOnInterrupt(_ call: () -> Int32) -> Int32 {
+  while true {
+    let result = call()
+    if result == -1 && errno == EINTR { continue }
+    return result
+  }
+}

@@ -1,0 +1,96 @@
+/// How an image names its backing file: the name as recorded, and the format if recorded.
+public struct BackingReference: Sendable, Equatable {
+  /// The name exactly as the image stores it (relative names resolve against the
+  /// directory of the image that holds them).
+  public var name: String
+  /// The recorded format name, or nil when the image does not say.
+  public var format: String?
+
+  public init(name: String, format: String?) {
+    self.name = name
+    self.format = format
+  }
+}
+
+/// One layer of a virtual disk, read-only.
+///
+/// The hierarchy: a format's reader answers for itself alone (`extents`, `read`); the
+/// engine stacks readers into a chain and asks each layer only about what the layers above
+/// left `unallocated`. Readers must allow `read` and `extents` from several threads at once.
+public protocol ImageReader: AnyObject {
+  /// The file this layer reads.
+  var file: ImageFile { get }
+  /// The format's name as `-f` takes it ("raw", "qcow2").
+  var formatName: String { get }
+  /// The size of the virtual disk in bytes, exact (no rounding to sectors).
+  var virtualSize: Int64 { get }
+  /// The backing file the image names, if any.
+  var backing: BackingReference? { get }
+  /// The cluster size, for formats that have one (reported by `info`).
+  var clusterSize: Int? { get }
+  /// Whether the image says it was not closed cleanly.
+  var isDirty: Bool { get }
+  /// Warnings to print once when the image is opened (a corrupt bit, say).
+  var warnings: [String] { get }
+  /// The format's own facts for `info` (`format-specific.data` in qemu-img's JSON).
+  var formatSpecific: [(String, InfoValue)] { get }
+
+  /// Contiguous extents that cover a prefix of `range`, in order, starting at
+  /// `range.lowerBound`. The range is a hint: an implementation may answer for less
+  /// (callers loop) but must answer for something. `range` lies within the virtual size.
+  func extents(in range: Range<Int64>) throws -> [Extent]
+
+  /// Reads `buffer.count` bytes of the virtual disk at `offset`. Valid over ranges this
+  /// layer reports as `data` or `zero`; unallocated parts read as zeros.
+  func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws
+}
+
+extension ImageReader {
+  public var clusterSize: Int? { nil }
+  public var isDirty: Bool { false }
+  public var warnings: [String] { [] }
+  public var formatSpecific: [(String, InfoValue)] { [] }
+  public var path: String { file.path }
+
+  /// Every extent of `range`, looping over `extents(in:)` until the range is covered.
+  public func allExtents(in range: Range<Int64>) throws -> [Extent] {
+    var result: [Extent] = []
+    var position = range.lowerBound
+    while position < range.upperBound {
+      let answer = try extents(in: position..<range.upperBound)
+      guard let first = answer.first, first.range.lowerBound == position, first.length > 0 else {
+        throw ImageError.invalid(path: path, "internal: no extent answered at \(hex(position))")
+      }
+      for extent in answer {
+        let clipped = Extent(
+          extent.range.clamped(to: position..<range.upperBound), extent.kind,
+          hostOffset: extent.hostOffset.map { $0 + (max(position, extent.range.lowerBound) - extent.range.lowerBound) })
+        guard clipped.range.lowerBound == position, clipped.length > 0 else { break }
+        result.appendMerging(clipped)
+        position = clipped.range.upperBound
+      }
+    }
+    return result
+  }
+}
+
+/// A value in `info` output: what qemu-img prints as JSON.
+public enum InfoValue: Sendable, Equatable {
+  case string(String)
+  case integer(Int64)
+  case bool(Bool)
+  case object([(String, InfoValue)])
+  case array([InfoValue])
+
+  public static func == (a: InfoValue, b: InfoValue) -> Bool {
+    switch (a, b) {
+    case let (.string(x), .string(y)): return x == y
+    case let (.integer(x), .integer(y)): return x == y
+    case let (.bool(x), .bool(y)): return x == y
+    case let (.array(x), .array(y)): return x == y
+    case let (.object(x), .object(y)):
+      return x.count == y.count && zip(x, y).allSatisfy { $0.0 == $1.0 && $0.1 == $1.1 }
+    default: return false
+    }
+  }
+}

@@ -1,0 +1,45 @@
+/// What the user asked of the output, beyond its format.
+public struct WriterOptions {
+  /// `-o key=value,...` as given; each writer takes the keys it knows and refuses the rest.
+  public var options: [String: String]
+  /// The backing file the output records (`-B`/`-b`), if any.
+  public var backing: BackingReference?
+  /// `-c`: compress data clusters.
+  public var compress: Bool
+
+  public init(options: [String: String] = [:], backing: BackingReference? = nil, compress: Bool = false) {
+    self.options = options
+    self.backing = backing
+    self.compress = compress
+  }
+}
+
+/// The receiving end of a conversion.
+///
+/// The engine covers the virtual disk exactly once, in increasing order, with calls to
+/// `write` (bytes that are not all zero) and `writeZeroes` (ranges that must read as
+/// zero), then calls `finish()`. On any failure it calls `abandon()` instead.
+public protocol ImageWriter: AnyObject {
+  /// The size of the pieces the writer stores (a qcow2 cluster; 1 for raw). The engine
+  /// cuts work at multiples of it.
+  var granularity: Int { get }
+  /// Writes `bytes` at `offset` of the virtual disk.
+  func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64) throws
+  /// Makes `range` read as zeros. On a fresh sparse target this costs nothing.
+  func writeZeroes(_ range: Range<Int64>) throws
+  /// Writes the metadata, flushes, and makes the output visible at its path.
+  func finish() throws
+  /// Removes everything written; nothing is left at the destination.
+  func abandon()
+}
+
+extension WriterOptions {
+  /// Refuses option keys the writer does not know, the way qemu-img does.
+  public func checkKnown(_ known: Set<String>, format: String, path: String) throws {
+    for key in options.keys.sorted() where !known.contains(key) {
+      throw ImageError.usage(
+        path: path,
+        "format '\(format)' has no option '\(key)' (it takes: \(known.sorted().joined(separator: ", ")))")
+    }
+  }
+}

@@ -1,0 +1,88 @@
+import CLacunaSys
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// A destination that becomes visible only on success: the bytes go to a temporary file
+/// beside it (`.NAME.lacuna-XXXXXX`, a name no image tool would take for the output), which
+/// `commit()` fsyncs and renames into place, then fsyncs the directory. `abandon()`, any
+/// error path, or SIGINT/SIGTERM/SIGHUP removes the temporary file.
+public final class OutputFile {
+  /// The destination path as the user gave it.
+  public let path: String
+  /// The temporary file's path while the output is being written.
+  public let temporaryPath: String
+  /// The open temporary file; writers write here.
+  public let file: ImageFile
+  private var cleanupSlot: Int32
+  private var finished = false
+
+  /// Creates the temporary file beside `path`. Installs the signal handlers on first use.
+  public init(creatingBeside path: String) throws {
+    OutputFile.installHandlersOnce
+    self.path = path
+    let (directory, name) = splitPath(path)
+    let template = (directory.isEmpty ? "" : directory + "/") + ".\(name).lacuna-XXXXXX"
+    var buffer = Array(template.utf8CString)
+    let fd = buffer.withUnsafeMutableBufferPointer { lacuna_make_temporary($0.baseAddress!) }
+    guard fd >= 0 else {
+      throw ImageError.system(path: path, operation: "create a temporary file in \(directory.isEmpty ? "." : directory)", errno: errno)
+    }
+    temporaryPath = String(cString: buffer)
+    fchmod(fd, 0o644 & ~OutputFile.umaskValue)
+    cleanupSlot = lacuna_cleanup_register(temporaryPath)
+    file = ImageFile.adoptWritable(descriptor: fd, path: path)
+  }
+
+  deinit { abandon() }
+
+  /// Makes the output visible at `path`: fsync the file, close it, rename it over the
+  /// destination, fsync the directory.
+  public func commit() throws {
+    guard !finished else { return }
+    do {
+      try file.synchronize()
+      try file.closeChecked()
+      guard rename(temporaryPath, path) == 0 else {
+        throw ImageError.system(path: path, operation: "rename \(temporaryPath) into place", errno: errno)
+      }
+      finished = true
+      lacuna_cleanup_unregister(cleanupSlot)
+      let directory = splitPath(path).directory
+      let dfd = open(directory.isEmpty ? "." : directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+      if dfd >= 0 {
+        defer { Glibc.close(dfd) }
+        if fsync(dfd) != 0 && errno != EINVAL {
+          throw ImageError.system(path: path, operation: "fsync the directory", errno: errno)
+        }
+      }
+    } catch {
+      abandon()
+      throw error
+    }
+  }
+
+  /// Removes the temporary file. Does nothing after `commit()`.
+  public func abandon() {
+    guard !finished else { return }
+    finished = true
+    file.close()
+    unlink(temporaryPath)
+    lacuna_cleanup_unregister(cleanupSlot)
+  }
+
+  private static let installHandlersOnce: Void = { lacuna_install_signal_handlers() }()
+  private static let umaskValue: mode_t = {
+    let old = umask(0)
+    umask(old)
+    return old
+  }()
+}
+
+/// Splits a path into its directory ("" for the current one) and last component.
+public func splitPath(_ path: String) -> (directory: String, name: String) {
+  guard let slash = path.lastIndex(of: "/") else { return ("", path) }
+  let directory = String(path[..<slash])
+  return (directory.isEmpty ? "/" : directory, String(path[path.index(after: slash)...]))
+}

@@ -1,0 +1,38 @@
+import CLacunaSys
+
+/// True when every byte of `bytes` is zero. Uses a self-overlapping `memcmp`, which libc
+/// vectorises, so it runs at memory speed.
+@inline(__always)
+public func isAllZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
+  guard let base = bytes.baseAddress, bytes.count > 0 else { return true }
+  return lacuna_is_zero(base, bytes.count) != 0
+}
+
+/// Splits `bytes`, which hold the virtual-disk range starting at `offset`, into runs of
+/// zero and non-zero blocks. Blocks are `blockSize` bytes aligned to the virtual disk
+/// (so the same disk gives the same runs however it is cut into work units); the first
+/// and last blocks may be partial. A `blockSize` of 0 reports everything as data.
+/// Returns ranges of the virtual disk with `true` for zero runs, adjacent runs merged.
+public func zeroRuns(
+  _ bytes: UnsafeRawBufferPointer, at offset: Int64, blockSize: Int
+) -> [(range: Range<Int64>, isZero: Bool)] {
+  let end = offset + Int64(bytes.count)
+  guard bytes.count > 0 else { return [] }
+  guard blockSize > 0 else { return [(offset..<end, false)] }
+  var runs: [(range: Range<Int64>, isZero: Bool)] = []
+  var position = offset
+  let block = Int64(blockSize)
+  while position < end {
+    let blockEnd = min(end, (position / block + 1) * block)
+    let slice = UnsafeRawBufferPointer(
+      rebasing: bytes[Int(position - offset)..<Int(blockEnd - offset)])
+    let zero = isAllZero(slice)
+    if let last = runs.last, last.isZero == zero {
+      runs[runs.count - 1].range = last.range.lowerBound..<blockEnd
+    } else {
+      runs.append((position..<blockEnd, zero))
+    }
+    position = blockEnd
+  }
+  return runs
+}

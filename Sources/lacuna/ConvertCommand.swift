@@ -1,0 +1,149 @@
+import ArgumentParser
+import Convert
+import DiskImage
+import Foundation
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+struct ConvertCommand: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "convert",
+    abstract: "Convert an image (and its backing chain) to another format, sparse.",
+    discussion: """
+      Reads only the ranges the source's layers hold, drops zero blocks, and writes the \
+      output under a temporary name that is renamed into place once complete. Flags mean \
+      what they mean in qemu-img convert.
+
+      Examples:
+        lacuna convert -O raw disk.qcow2 disk.img
+        lacuna convert -f raw -O raw -S 64k inflated.img sparse.img
+        lacuna convert -O raw -o preallocation=falloc disk.qcow2 disk.img
+      """)
+
+  @Option(name: .customShort("f"), help: "The source's format; probed from its magic when omitted.")
+  var sourceFormat: String?
+
+  @Option(name: .customShort("O"), help: "The output's format (raw by default, as in qemu-img).")
+  var outputFormat: String = "raw"
+
+  @Option(name: .customShort("o"), help: "Output options, key=value,... (e.g. preallocation=falloc).")
+  var options: [String] = []
+
+  @Option(name: .customShort("S"), help: "Zero runs of this size are left as holes (default 4k; 0 writes everything).")
+  var sparseSize: String = "4k"
+
+  @Flag(name: .customShort("c"), help: "Compress the output (qcow2).")
+  var compress = false
+
+  @Option(name: .customShort("B"), help: "The backing file the output records.")
+  var backing: String?
+
+  @Option(name: .customShort("F"), help: "The format of the backing file given with -B.")
+  var backingFormat: String?
+
+  @Option(
+    name: .customLong("source-backing-format"),
+    help: "The format of the source's backing file, when the source does not record it.")
+  var sourceBackingFormat: String?
+
+  @Option(name: .customShort("m"), help: "Worker threads (default: the number of cores, at least 2).")
+  var threads: Int?
+
+  @Flag(name: .customShort("W"), help: "Accepted for qemu-img compatibility; output is always written in order.")
+  var outOfOrder = false
+
+  @Flag(name: .customShort("p"), help: "Show progress.")
+  var progress = false
+
+  @Flag(name: .customShort("q"), help: "Quiet: no progress, no summary.")
+  var quiet = false
+
+  @Flag(name: .customLong("summary"), help: "Print a summary line when done (bytes read, written, skipped; time).")
+  var summary = false
+
+  @Argument(help: "The source image.")
+  var source: String
+
+  @Argument(help: "The output image.")
+  var destination: String
+
+  func validate() throws {
+    guard let size = parseSize(sparseSize), size % 512 == 0, size <= 16 << 20 else {
+      throw ValidationError("-S takes 0 or a multiple of 512 bytes up to 16M (got '\(sparseSize)')")
+    }
+    if let threads, !(1...64).contains(threads) {
+      throw ValidationError("-m takes a number of threads from 1 to 64 (got \(threads))")
+    }
+    if backingFormat != nil && backing == nil {
+      throw ValidationError("-F needs -B")
+    }
+  }
+
+  func run() throws {
+    let started = Date()
+    guard let outputFormatEntry = registry.format(named: outputFormat) else {
+      throw ImageError.usage(path: destination, "unknown output format '\(outputFormat)' (known: \(registry.names.joined(separator: ", ")))")
+    }
+    guard let create = outputFormatEntry.create else {
+      throw ImageError.usage(path: destination, "lacuna cannot write \(outputFormat) images")
+    }
+    let chain = try Chain.open(source, format: sourceFormat, registry: registry, backingFormat: sourceBackingFormat)
+    for layer in chain.layers { for warning in layer.warnings { printError("\(layer.path): \(warning)") } }
+
+    // Writing over any file the source reads would destroy the input mid-read.
+    if let target = FileIdentity.of(path: destination), try chain.identities().contains(target) {
+      throw ImageError.usage(path: destination, "the output is the same file as an input; refusing to overwrite it")
+    }
+
+    var writerOptions = WriterOptions(options: try parseOptions(options), compress: compress)
+    if let backing {
+      writerOptions.backing = BackingReference(name: backing, format: backingFormat)
+    }
+    let output = try OutputFile(creatingBeside: destination)
+    let writer: ImageWriter
+    do {
+      writer = try create(output, chain.virtualSize, writerOptions)
+    } catch {
+      output.abandon()
+      throw error
+    }
+
+    var engineOptions = ConvertOptions()
+    engineOptions.sparseSize = Int(parseSize(sparseSize)!)
+    if let threads { engineOptions.threads = threads }
+    let meter = progress && !quiet ? ProgressMeter() : nil
+    engineOptions.progress = meter.map { meter in { meter.update(done: $0, total: $1) } }
+    let statistics = try Converter(chain: chain, writer: writer, options: engineOptions).run()
+    meter?.finish()
+    if summary && !quiet {
+      let seconds = Date().timeIntervalSince(started)
+      printError(
+        "converted \(source) to \(destination): \(statistics.virtualSize) bytes virtual, "
+          + "\(statistics.bytesRead) read, \(statistics.bytesWritten) written, "
+          + "\(statistics.holeBytes) holes and \(statistics.zeroBytesSkipped) zero bytes skipped, "
+          + String(format: "%.3f s", seconds), prefix: false)
+    }
+  }
+}
+
+/// qemu-img's `-p` display: "    (42.00/100%)" rewritten in place, at most every 0.1 s.
+final class ProgressMeter {
+  private var lastShown = -1.0
+  private var lastTime = Date.distantPast
+
+  func update(done: Int64, total: Int64) {
+    let percent = total == 0 ? 100 : Double(done) * 100 / Double(total)
+    let now = Date()
+    guard percent >= 100 || now.timeIntervalSince(lastTime) >= 0.1, percent != lastShown else { return }
+    lastShown = percent
+    lastTime = now
+    fputs(String(format: "    (%.2f/100%%)\r", percent), stderr)
+  }
+
+  func finish() {
+    update(done: 1, total: 1)
+    fputs("\n", stderr)
+  }
+}

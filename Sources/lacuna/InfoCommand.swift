@@ -1,0 +1,100 @@
+import ArgumentParser
+import Convert
+import DiskImage
+
+struct InfoCommand: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "info",
+    abstract: "Show an image's format, sizes and backing file.",
+    discussion: """
+      The JSON form uses qemu-img's field names (virtual-size, filename, format, \
+      actual-size, cluster-size, backing-filename, format-specific, ...).
+
+      Examples:
+        lacuna info disk.qcow2
+        lacuna info --output=json --backing-chain top.qcow2
+      """)
+
+  @Option(name: .customShort("f"), help: "The image's format; probed from its magic when omitted.")
+  var format: String?
+
+  @Option(name: .customLong("output"), help: "human or json.")
+  var output: OutputFormat = .human
+
+  @Flag(name: .customLong("backing-chain"), help: "Show every image of the backing chain.")
+  var backingChain = false
+
+  @Argument(help: "The image.")
+  var image: String
+
+  func run() throws {
+    let layers: [ImageReader]
+    if backingChain {
+      layers = try Chain.open(image, format: format, registry: registry).layers
+    } else {
+      layers = [try registry.open(image, format: format)]
+    }
+    for layer in layers { for warning in layer.warnings { printError("\(layer.path): \(warning)") } }
+    let described = try layers.map(describe)
+    switch output {
+    case .json:
+      print(renderJSON(backingChain ? .array(described) : described[0]))
+    case .human:
+      print(try layers.map(humanDescription).joined(separator: "\n"))
+    }
+  }
+
+  /// One layer as qemu-img's `info --output=json` prints it, in its key order.
+  func describe(_ layer: ImageReader) throws -> InfoValue {
+    var fields: [(String, InfoValue)] = []
+    if let format = layer.backing?.format { fields.append(("backing-filename-format", .string(format))) }
+    fields.append(("virtual-size", .integer(layer.virtualSize)))
+    fields.append(("filename", .string(layer.path)))
+    if let cluster = layer.clusterSize { fields.append(("cluster-size", .integer(Int64(cluster)))) }
+    fields.append(("format", .string(layer.formatName)))
+    fields.append(("actual-size", .integer(try layer.file.allocatedSize())))
+    if !layer.formatSpecific.isEmpty {
+      fields.append(
+        ("format-specific", .object([("type", .string(layer.formatName)), ("data", .object(layer.formatSpecific))])))
+    }
+    if let backing = layer.backing {
+      fields.append(("full-backing-filename", .string(Chain.resolveBacking(backing.name, relativeTo: layer.path))))
+      fields.append(("backing-filename", .string(backing.name)))
+    }
+    fields.append(("dirty-flag", .bool(layer.isDirty)))
+    return .object(fields)
+  }
+
+  /// One layer as qemu-img's human `info` prints it.
+  func humanDescription(_ layer: ImageReader) throws -> String {
+    var lines = [
+      "image: \(layer.path)",
+      "file format: \(layer.formatName)",
+      "virtual size: \(humanSize(layer.virtualSize)) (\(layer.virtualSize) bytes)",
+      "disk size: \(humanSize(try layer.file.allocatedSize()))",
+    ]
+    if let cluster = layer.clusterSize { lines.append("cluster_size: \(cluster)") }
+    if let backing = layer.backing {
+      let full = Chain.resolveBacking(backing.name, relativeTo: layer.path)
+      lines.append("backing file: \(backing.name)" + (full == backing.name ? "" : " (actual path: \(full))"))
+      if let format = backing.format { lines.append("backing file format: \(format)") }
+    }
+    if layer.isDirty { lines.append("dirty flag: true") }
+    if !layer.formatSpecific.isEmpty {
+      lines.append("Format specific information:")
+      for (key, value) in layer.formatSpecific {
+        lines.append("    \(key.replacingOccurrences(of: "-", with: " ")): \(humanValue(value))")
+      }
+    }
+    return lines.joined(separator: "\n")
+  }
+
+  func humanValue(_ value: InfoValue) -> String {
+    switch value {
+    case .string(let text): return text
+    case .integer(let number): return String(number)
+    case .bool(let flag): return flag ? "true" : "false"
+    case .array, .object: return renderJSON(value)
+    }
+  }
+}

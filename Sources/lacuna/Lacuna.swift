@@ -1,0 +1,99 @@
+import ArgumentParser
+import Convert
+import Foundation
+import DiskImage
+import QCOW2
+import Raw
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+struct Lacuna: ParsableCommand {
+  static let version = "0.1.0"
+
+  static let configuration = CommandConfiguration(
+    commandName: "lacuna",
+    abstract: "Convert virtual-machine disk images, keeping their holes.",
+    discussion: """
+      lacuna reads raw and qcow2 images (with backing chains), asks each layer which ranges \
+      hold data, reads only those, and writes sparse output. Flags mean what they mean in \
+      qemu-img.
+
+      Examples:
+        lacuna convert -O raw disk.qcow2 disk.img
+        lacuna info --output=json disk.qcow2
+        lacuna map --output=json disk.img
+      """,
+    version: version,
+    subcommands: [ConvertCommand.self, InfoCommand.self, MapCommand.self])
+}
+
+/// The formats this build knows, in probing order; raw is what is left.
+let registry = FormatRegistry(formats: [QCOW2.format], fallback: Raw.format)
+
+/// A failure that is not an image's fault, with the exit status it deserves.
+struct CommandFailure: Error {
+  var message: String
+  var status: Int32 = 1
+}
+
+/// Prints one line to standard error, prefixed with the program's name.
+func printError(_ message: String, prefix: Bool = true) {
+  let line = (prefix ? "lacuna: " : "") + message + (message.hasSuffix("\n") ? "" : "\n")
+  fputs(line, stderr)
+}
+
+/// `--output=human|json`, as qemu-img takes it.
+enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
+  case human, json
+}
+
+/// Parses a size as qemu-img does: a number of bytes, or with a suffix k, M, G, T, P, E
+/// (powers of 1024; upper or lower case; `b` for bytes).
+func parseSize(_ text: String) -> Int64? {
+  let units: [Character: Int64] = [
+    "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60,
+  ]
+  var digits = Substring(text)
+  var multiplier: Int64 = 1
+  if let last = text.last, let unit = units[Character(last.lowercased())] {
+    multiplier = unit
+    digits = digits.dropLast()
+  }
+  if let whole = Int64(digits), whole >= 0 {
+    let (product, overflow) = whole.multipliedReportingOverflow(by: multiplier)
+    return overflow ? nil : product
+  }
+  // Fractions such as 1.5G, rounded down to a byte.
+  guard let value = Double(digits), value >= 0, value * Double(multiplier) < 9.2e18 else { return nil }
+  return Int64(value * Double(multiplier))
+}
+
+/// Parses `-o key=value,key=value`. qemu-img's `,,` escape stands for a literal comma.
+func parseOptions(_ list: [String]) throws -> [String: String] {
+  var result: [String: String] = [:]
+  for text in list {
+    let parts = text.replacingOccurrences(of: ",,", with: "\u{0}").split(separator: ",")
+    for part in parts {
+      let item = part.replacingOccurrences(of: "\u{0}", with: ",")
+      guard let equals = item.firstIndex(of: "="), equals != item.startIndex else {
+        throw ValidationError("option '\(item)' is not key=value")
+      }
+      result[String(item[..<equals])] = String(item[item.index(after: equals)...])
+    }
+  }
+  return result
+}
+
+/// Formats a byte count as qemu-img does in its human output ("5 MiB", "1.5 GiB").
+func humanSize(_ bytes: Int64) -> String {
+  let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
+  var value = Double(bytes)
+  var unit = 0
+  while value >= 1024 && unit < units.count - 1 {
+    value /= 1024
+    unit += 1
+  }
+  return String(format: "%0.3g", value) + " " + units[unit]
+}

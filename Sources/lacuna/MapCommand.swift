@@ -1,0 +1,93 @@
+import ArgumentParser
+import Convert
+import DiskImage
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+struct MapCommand: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "map",
+    abstract: "Show which ranges of an image hold data, zeros or nothing, layer by layer.",
+    discussion: """
+      The JSON form prints qemu-img's fields: start, length, depth (0 is the named image, \
+      1 its backing file, ...), present, zero, data, offset (where the bytes sit in that \
+      layer's file, when they sit there plainly).
+
+      Examples:
+        lacuna map disk.img
+        lacuna map --output=json top.qcow2
+      """)
+
+  @Option(name: .customShort("f"), help: "The image's format; probed from its magic when omitted.")
+  var format: String?
+
+  @Option(name: .customLong("output"), help: "human or json.")
+  var output: OutputFormat = .human
+
+  @Option(name: .customLong("start-offset"), help: "Start mapping at this offset.")
+  var startOffset: String?
+
+  @Option(name: .customLong("max-length"), help: "Map at most this many bytes.")
+  var maxLength: String?
+
+  @Argument(help: "The image.")
+  var image: String
+
+  func run() throws {
+    let chain = try Chain.open(image, format: format, registry: registry)
+    for layer in chain.layers { for warning in layer.warnings { printError("\(layer.path): \(warning)") } }
+    guard let start = startOffset.map(parseSize) ?? 0, let length = maxLength.map(parseSize) ?? Int64.max else {
+      throw ValidationError("--start-offset and --max-length take a size")
+    }
+    let end = min(chain.virtualSize, start &+ length < start ? Int64.max : start + length)
+    let window: Int64 = 1 << 30
+    var position = start
+    var first = true
+    if output == .json { writeOut("[") } else {
+      writeOut("Offset          Length          Mapped to       File\n")
+    }
+    // Entries are merged across windows, so a window boundary never shows in the output.
+    var pending: LayeredExtent?
+    func emit(_ extent: LayeredExtent) {
+      if output == .json {
+        writeOut((first ? "" : ",\n") + jsonLine(extent))
+        first = false
+      } else if extent.kind == .data, let offset = extent.hostOffset {
+        writeOut(pad(hexNumber(extent.range.lowerBound)) + pad(hexNumber(extent.length)) + pad(hexNumber(offset))
+          + chain.layers[extent.depth].path + "\n")
+      }
+    }
+    while position < end {
+      let windowEnd = min(end, position + window)
+      for extent in try chain.extents(in: position..<windowEnd) {
+        if var last = pending, last.kind == extent.kind, last.present == extent.present,
+          last.depth == extent.depth, last.range.upperBound == extent.range.lowerBound,
+          (last.hostOffset == nil && extent.hostOffset == nil)
+            || (last.hostOffset != nil && last.hostOffset! + last.length == extent.hostOffset)
+        {
+          last.range = last.range.lowerBound..<extent.range.upperBound
+          pending = last
+        } else {
+          if let last = pending { emit(last) }
+          pending = extent
+        }
+      }
+      position = windowEnd
+    }
+    if let last = pending { emit(last) }
+    if output == .json { writeOut("]\n") }
+  }
+
+  func jsonLine(_ extent: LayeredExtent) -> String {
+    var line = "{ \"start\": \(extent.range.lowerBound), \"length\": \(extent.length), \"depth\": \(extent.depth),"
+    line += " \"present\": \(extent.present), \"zero\": \(extent.kind != .data), \"data\": \(extent.kind == .data)"
+    if let offset = extent.hostOffset { line += ", \"offset\": \(offset)" }
+    return line + "}"
+  }
+
+  func hexNumber(_ value: Int64) -> String { value == 0 ? "0" : "0x" + String(value, radix: 16) }
+  func pad(_ text: String) -> String { text.count >= 16 ? text + " " : text + String(repeating: " ", count: 16 - text.count) }
+  func writeOut(_ text: String) { fputs(text, stdout) }
+}

@@ -1,0 +1,26 @@
+import ArgumentParser
+import DiskImage
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+// Exit status: 0 success, 1 an image or I/O problem, 2 a usage error (as the issue and
+// most Unix tools have it; swift-argument-parser's default for usage errors is 64).
+do {
+  var command = try Lacuna.parseAsRoot()
+  try command.run()
+} catch let error as ImageError {
+  printError(error.description)
+  if case .usage = error { exit(2) }
+  exit(1)
+} catch let error as CommandFailure {
+  printError(error.message)
+  exit(error.status)
+} catch {
+  let code = Lacuna.exitCode(for: error)
+  if code == .success { Lacuna.exit(withError: error) }
+  let message = Lacuna.fullMessage(for: error)
+  printError(message.isEmpty ? String(describing: error) : message, prefix: false)
+  exit(code == .validationFailure ? 2 : code.rawValue)
+}
