@@ -37,6 +37,9 @@ let package = Package(
     .testTarget(name: "CompressionTests", dependencies: ["Compression"], path: "Tests/CompressionTests"),
     .testTarget(name: "QCOW2Tests", dependencies: ["QCOW2", "DiskImage"], path: "Tests/QCOW2Tests"),
     .testTarget(
+      name: "QCOW2WriterTests", dependencies: ["QCOW2", "DiskImage", "Convert", "Raw"],
+      path: "Tests/QCOW2WriterTests"),
+    .testTarget(
       name: "ConvertTests", dependencies: ["Convert", "DiskImage", "Raw", "QCOW2"],
       path: "Tests/ConvertTests"),
     .testTarget(name: "LacunaTests", dependencies: ["lacuna"], path: "Tests/LacunaTests"),

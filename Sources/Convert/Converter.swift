@@ -11,7 +11,7 @@ public struct ConvertOptions {
   /// The virtual-disk span one work unit covers (rounded up to the writer's granularity).
   public var unitSize: Int = 2 << 20
   /// How much of the virtual disk is mapped at a time.
-  public var windowSize: Int64 = 64 << 20
+  public var windowSize: Int64 = 1 << 30
   /// Reads of the same layer separated by a hole no larger than this are done as one read.
   public var readGapLimit: Int64 = 64 << 10
   /// Stop descending the chain at this layer: what the layers above leave unallocated
@@ -56,6 +56,7 @@ public final class Converter {
     case layer(Int)  // read from this layer of the chain
     case zero  // reads as zero; the writer must make it so
     case backing  // left to the output's backing file
+    case chain  // read through the whole chain (backing content the writer must store)
   }
 
   struct Segment {
@@ -83,6 +84,8 @@ public final class Converter {
     let buffer: UnsafeMutableRawBufferPointer
     let runs: [Run]
     let bytesRead: Int64
+    /// What a `PreparingImageWriter` made of the unit on the worker thread.
+    var prepared: AnyObject?
 
     init(start: Int64, buffer: UnsafeMutableRawBufferPointer, runs: [Run], bytesRead: Int64) {
       self.start = start
@@ -118,7 +121,15 @@ public final class Converter {
 
     let pipeline = OrderedPipeline<[Segment], FilledUnit>(
       threads: options.threads, capacity: options.threads * 2
-    ) { [chain] segments in try Converter.fill(segments, chain: chain, sparseSize: sparseSize) }
+    ) { [chain, writer] segments in
+      let filled = try Converter.fill(segments, chain: chain, sparseSize: sparseSize)
+      if let preparing = writer as? PreparingImageWriter {
+        filled.prepared = try preparing.prepare(
+          UnsafeRawBufferPointer(filled.buffer), at: filled.start,
+          dataRanges: filled.runs.filter { $0.kind == .data }.map(\.range))
+      }
+      return filled
+    }
     defer { pipeline.shutdown() }
 
     // Items waiting for the writer, in disk order; units are placeholders for results.
@@ -131,6 +142,10 @@ public final class Converter {
         switch run.kind {
         case .data:
           let unit = filled!
+          if unit.prepared != nil {
+            statistics.bytesWritten += Int64(run.range.count)
+            break
+          }
           let slice = UnsafeRawBufferPointer(
             rebasing: unit.buffer[Int(run.range.lowerBound - unit.start)..<Int(run.range.upperBound - unit.start)])
           try writer.write(slice, at: run.range.lowerBound)
@@ -145,6 +160,7 @@ public final class Converter {
         }
         done += Int64(run.range.count)
       }
+      if let prepared = filled?.prepared { try (writer as! PreparingImageWriter).commit(prepared) }
       options.progress?(done, total)
     }
 
@@ -168,7 +184,9 @@ public final class Converter {
     while windowStart < total {
       let windowEnd = min(total, windowStart + window)
       let extents = try chain.extents(in: windowStart..<windowEnd, stopDepth: options.stopDepth)
-      for item in Converter.items(extents, unit: unit, writeZeroBlocks: sparseSize == 0) {
+      for item in Converter.items(
+        extents, unit: unit, granularity: granularity, writeZeroBlocks: sparseSize == 0)
+      {
         if case .unit(let segments) = item {
           while pipeline.isFull { try drainOne() }
           pipeline.submit(segments)
@@ -185,23 +203,34 @@ public final class Converter {
   /// Cuts a window's extents into writer steps: each unit-sized, unit-aligned chunk of the
   /// disk that holds any data becomes one unit covering the whole chunk (so a unit never
   /// splits a cluster); chunks without data pass straight to the writer as runs.
-  static func items(_ extents: [LayeredExtent], unit: Int64, writeZeroBlocks: Bool) -> [Item] {
+  static func items(
+    _ extents: [LayeredExtent], unit: Int64, granularity: Int64, writeZeroBlocks: Bool
+  ) -> [Item] {
     var items: [Item] = []
     var chunk: [Segment] = []
     var chunkHasData = false
     var chunkEnd: Int64 = -1
 
+    func appendRuns(_ runs: [Run]) {
+      if case .runs(let previous)? = items.last {
+        items[items.count - 1] = .runs(merge(previous + runs))
+      } else {
+        items.append(.runs(merge(runs)))
+      }
+    }
+
     func flush() {
       guard !chunk.isEmpty else { return }
+      if granularity > 1, chunk.contains(where: { $0.source == .backing }),
+        chunk.contains(where: { $0.source != .backing })
+      {
+        chunk = Converter.fillMixedGranules(chunk, granularity: granularity)
+        chunkHasData = chunkHasData || chunk.contains { $0.source == .chain }
+      }
       if chunkHasData {
         items.append(.unit(chunk))
       } else {
-        let runs = chunk.map { Run(range: $0.range, kind: $0.source == .backing ? .backing : .zero) }
-        if case .runs(let previous)? = items.last {
-          items[items.count - 1] = .runs(merge(previous + runs))
-        } else {
-          items.append(.runs(merge(runs)))
-        }
+        appendRuns(chunk.map { Run(range: $0.range, kind: $0.source == .backing ? .backing : .zero) })
       }
       chunk = []
       chunkHasData = false
@@ -220,6 +249,17 @@ public final class Converter {
           flush()
           chunkEnd = (position / unit + 1) * unit
         }
+        // Whole chunks without data go to the writer as one run: the cost follows the
+        // extents, not the size of the disk.
+        if source == .zero || source == .backing, chunk.isEmpty, position % unit == 0 {
+          let wholeEnd = extent.range.upperBound / unit * unit
+          if wholeEnd > position {
+            appendRuns([Run(range: position..<wholeEnd, kind: source == .backing ? .backing : .zero)])
+            position = wholeEnd
+            chunkEnd = wholeEnd
+            continue
+          }
+        }
         let end = min(extent.range.upperBound, chunkEnd)
         if case .layer = source { chunkHasData = true }
         chunk.append(Segment(range: position..<end, source: source))
@@ -228,6 +268,45 @@ public final class Converter {
     }
     flush()
     return items
+  }
+
+  /// A writer stores whole granules (clusters): one cannot be partly the backing file's and
+  /// partly the output's. In a granule that mixes both, the backing part is read through the
+  /// chain and stored too.
+  static func fillMixedGranules(_ segments: [Segment], granularity: Int64) -> [Segment] {
+    var mixed = Set<Int64>()
+    var owners: [Int64: (backing: Bool, other: Bool)] = [:]
+    for segment in segments {
+      var granule = segment.range.lowerBound / granularity
+      while granule * granularity < segment.range.upperBound {
+        var owner = owners[granule] ?? (false, false)
+        if segment.source == .backing { owner.backing = true } else { owner.other = true }
+        owners[granule] = owner
+        if owner.backing && owner.other { mixed.insert(granule) }
+        granule += 1
+      }
+    }
+    guard !mixed.isEmpty else { return segments }
+    var result: [Segment] = []
+    for segment in segments {
+      guard segment.source == .backing else {
+        result.append(segment)
+        continue
+      }
+      var position = segment.range.lowerBound
+      while position < segment.range.upperBound {
+        let granule = position / granularity
+        let end = min(segment.range.upperBound, (granule + 1) * granularity)
+        let source: Source = mixed.contains(granule) ? .chain : .backing
+        if let last = result.last, last.source == source, last.range.upperBound == position {
+          result[result.count - 1].range = last.range.lowerBound..<end
+        } else {
+          result.append(Segment(range: position..<end, source: source))
+        }
+        position = end
+      }
+    }
+    return result
   }
 
   static func merge(_ runs: [Run]) -> [Run] {
@@ -255,9 +334,12 @@ public final class Converter {
         let slice = UnsafeMutableRawBufferPointer(
           rebasing: buffer[Int(segment.range.lowerBound - start)..<Int(segment.range.upperBound - start)])
         switch segment.source {
-        case .layer(let depth):
-          if depth >= 0 {
+        case .layer, .chain:
+          if case .layer(let depth) = segment.source, depth >= 0 {
             try chain.layers[depth].read(into: slice, at: segment.range.lowerBound)
+            bytesRead += Int64(slice.count)
+          } else if segment.source == .chain {
+            try chain.read(into: slice, at: segment.range.lowerBound)
             bytesRead += Int64(slice.count)
           } else {
             slice.initializeMemory(as: UInt8.self, repeating: 0)

@@ -51,8 +51,8 @@ extension Chain {
       }
     }
     // Past this layer's end: zeros, answered by the layer above it (as qemu-img map does).
-    let past = max(range.lowerBound, layer.virtualSize)..<range.upperBound
-    if !past.isEmpty {
+    if range.upperBound > layer.virtualSize {
+      let past = max(range.lowerBound, layer.virtualSize)..<range.upperBound
       append(LayeredExtent(range: past, kind: .zero, present: false, depth: max(0, depth - 1), hostOffset: nil), to: &result)
     }
   }

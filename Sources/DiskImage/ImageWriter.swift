@@ -43,3 +43,19 @@ extension WriterOptions {
     }
   }
 }
+
+/// A writer that does heavy work per unit (compression) on the engine's worker threads.
+///
+/// For each unit of the disk that holds data, the engine calls `prepare` on a worker
+/// thread, then, on the writing thread and in disk order, `commit` with what it returned,
+/// in place of `write` for that unit's data runs (`writeZeroes` still comes for its zero
+/// runs, before `commit`). So the output is the same bytes whatever the thread count.
+public protocol PreparingImageWriter: ImageWriter {
+  /// Works on a unit: `bytes` hold the disk at `offset`; the length is a multiple of
+  /// `granularity` except at the end of the disk. `dataRanges` are the parts that hold
+  /// non-zero data (everything else in `bytes` is zero, or left to the backing file).
+  /// Called from several threads at once.
+  func prepare(_ bytes: UnsafeRawBufferPointer, at offset: Int64, dataRanges: [Range<Int64>]) throws -> AnyObject
+  /// Stores a prepared unit. Called on one thread, in disk order.
+  func commit(_ prepared: AnyObject) throws
+}

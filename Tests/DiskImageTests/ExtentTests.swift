@@ -1,0 +1,80 @@
+import DiskImage
+import XCTest
+
+final class ExtentTests: XCTestCase {
+  func testAppendMergingJoinsTouchingExtentsOfOneKind() {
+    var extents: [Extent] = []
+    extents.appendMerging(Extent(0..<10, .data, hostOffset: 100))
+    extents.appendMerging(Extent(10..<20, .data, hostOffset: 110))
+    extents.appendMerging(Extent(20..<30, .data, hostOffset: 500))  // host offset jumps
+    extents.appendMerging(Extent(30..<40, .zero))
+    extents.appendMerging(Extent(40..<50, .zero))
+    extents.appendMerging(Extent(50..<50, .unallocated))  // empty: dropped
+    extents.appendMerging(Extent(50..<60, .unallocated))
+    XCTAssertEqual(
+      extents,
+      [
+        Extent(0..<20, .data, hostOffset: 100), Extent(20..<30, .data, hostOffset: 500),
+        Extent(30..<50, .zero), Extent(50..<60, .unallocated),
+      ])
+  }
+
+  func testMergeNeedsMatchingOffsetPresence() {
+    XCTAssertFalse(Extent(0..<10, .zero, hostOffset: 0).canMerge(with: Extent(10..<20, .zero)))
+    XCTAssertFalse(Extent(0..<10, .zero).canMerge(with: Extent(11..<20, .zero)))
+    XCTAssertTrue(Extent(0..<10, .zero).canMerge(with: Extent(10..<20, .zero)))
+  }
+
+  func testIsAllZero() {
+    for length in [0, 1, 15, 16, 17, 4096, 65537] {
+      var bytes = [UInt8](repeating: 0, count: length)
+      XCTAssertTrue(bytes.withUnsafeBytes(isAllZero), "\(length) zeros")
+      for position in Set([0, length / 2, length - 1]) where length > 0 {
+        bytes[position] = 1
+        XCTAssertFalse(bytes.withUnsafeBytes(isAllZero), "non-zero at \(position) of \(length)")
+        bytes[position] = 0
+      }
+    }
+  }
+
+  func testZeroRunsAlignToTheDiskNotTheBuffer() {
+    // A buffer for disk range 1000..<13288 (12288 bytes), blocks of 4096 aligned to the disk:
+    // 1000..<4096 (partial), 4096..<8192, 8192..<12288, 12288..<13288 (partial).
+    var bytes = [UInt8](repeating: 0, count: 12288)
+    bytes[8192 - 1000 + 5] = 7  // inside block 8192..<12288
+    let runs = bytes.withUnsafeBytes { zeroRuns($0, at: 1000, blockSize: 4096) }
+    XCTAssertEqual(runs.map(\.range), [1000..<8192, 8192..<12288, 12288..<13288])
+    XCTAssertEqual(runs.map(\.isZero), [true, false, true])
+  }
+
+  func testZeroRunsWithBlockSizeZeroIsAllData() {
+    let bytes = [UInt8](repeating: 0, count: 8192)
+    let runs = bytes.withUnsafeBytes { zeroRuns($0, at: 0, blockSize: 0) }
+    XCTAssertEqual(runs.count, 1)
+    XCTAssertEqual(runs[0].range, 0..<8192)
+    XCTAssertFalse(runs[0].isZero)
+  }
+
+  func testBigEndianReaderAndWriter() {
+    var writer = BigEndianWriter()
+    writer.append(UInt32(0x5146_49fb))
+    writer.append(UInt64(0x0102_0304_0506_0708))
+    writer.append(UInt16(0xabcd))
+    let reader = BigEndianReader(writer.bytes)
+    XCTAssertEqual(reader.uint32(at: 0), 0x5146_49fb)
+    XCTAssertEqual(reader.uint64(at: 4), 0x0102_0304_0506_0708)
+    XCTAssertEqual(reader.uint16(at: 12), 0xabcd)
+    XCTAssertNil(reader.uint32(at: 12), "runs short: nil, not a crash")
+    XCTAssertNil(reader.uint8(at: -1))
+    var bytes = [UInt8](repeating: 0, count: 8)
+    BigEndianWriter.store(UInt32(0xdead_beef), at: 2, in: &bytes)
+    XCTAssertEqual(bytes, [0, 0, 0xde, 0xad, 0xbe, 0xef, 0, 0])
+  }
+
+  func testErrorsAreOneLineNamingTheFile() {
+    let error = ImageError.invalid(path: "base.qcow2", "L2 table at 0x50000 is past the end of the file")
+    XCTAssertEqual(error.description, "base.qcow2: L2 table at 0x50000 is past the end of the file")
+    let system = ImageError.system(path: "x.img", operation: "open", errno: 2)
+    XCTAssertEqual(system.description, "x.img: open: No such file or directory")
+  }
+}
