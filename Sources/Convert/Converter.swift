@@ -17,6 +17,10 @@ public struct ConvertOptions {
   /// Stop descending the chain at this layer: what the layers above leave unallocated
   /// is the output's backing file's business (`-B` naming a layer of the chain).
   public var stopDepth: Int?
+  /// `-B` naming a file that is not a layer of the source: the output's backing file, read
+  /// as a chain. Clusters where the source reads the same as it are left to it; the rest
+  /// is stored (as zero clusters where the source reads zero).
+  public var compareBase: Chain?
   /// Called with (bytes done, bytes total) as the work proceeds, from the writing thread.
   public var progress: ((Int64, Int64) -> Void)?
 
@@ -57,7 +61,11 @@ public final class Converter {
     case zero  // reads as zero; the writer must make it so
     case backing  // left to the output's backing file
     case chain  // read through the whole chain (backing content the writer must store)
+    case compare  // read through the chain, keep only granules that differ from `compareBase`
   }
+
+  /// The depth that marks ranges to compare with `compareBase` in a plan's extents.
+  static let compareDepth = -2
 
   struct Segment {
     var range: Range<Int64>
@@ -121,8 +129,9 @@ public final class Converter {
 
     let pipeline = OrderedPipeline<[Segment], FilledUnit>(
       threads: options.threads, capacity: options.threads * 2
-    ) { [chain, writer] segments in
-      let filled = try Converter.fill(segments, chain: chain, sparseSize: sparseSize)
+    ) { [chain, writer, compareBase = options.compareBase] segments in
+      let filled = try Converter.fill(
+        segments, chain: chain, sparseSize: sparseSize, base: compareBase, granularity: granularity)
       if let preparing = writer as? PreparingImageWriter {
         filled.prepared = try preparing.prepare(
           UnsafeRawBufferPointer(filled.buffer), at: filled.start,
@@ -183,7 +192,13 @@ public final class Converter {
     var windowStart: Int64 = 0
     while windowStart < total {
       let windowEnd = min(total, windowStart + window)
-      let extents = try chain.extents(in: windowStart..<windowEnd, stopDepth: options.stopDepth)
+      let extents =
+        if let base = options.compareBase {
+          try Converter.comparePlan(
+            source: chain, base: base, range: windowStart..<windowEnd, granularity: granularity)
+        } else {
+          try chain.extents(in: windowStart..<windowEnd, stopDepth: options.stopDepth)
+        }
       for item in Converter.items(
         extents, unit: unit, granularity: granularity, writeZeroBlocks: sparseSize == 0)
       {
@@ -239,7 +254,7 @@ public final class Converter {
     for extent in extents {
       let source: Source
       switch extent.kind {
-      case .data: source = .layer(extent.depth)
+      case .data: source = extent.depth == compareDepth ? .compare : .layer(extent.depth)
       case .zero: source = writeZeroBlocks ? .layer(-1) : .zero
       case .unallocated: source = .backing
       }
@@ -261,7 +276,7 @@ public final class Converter {
           }
         }
         let end = min(extent.range.upperBound, chunkEnd)
-        if case .layer = source { chunkHasData = true }
+        if source != .zero && source != .backing { chunkHasData = true }
         chunk.append(Segment(range: position..<end, source: source))
         position = end
       }
@@ -309,6 +324,77 @@ public final class Converter {
     return result
   }
 
+  /// The plan for `-B` with an unrelated backing file: ranges where the source or the base
+  /// holds data, widened to whole granules, are compared; where both read zero is left to
+  /// the base (it reads zero there too).
+  static func comparePlan(
+    source: Chain, base: Chain, range: Range<Int64>, granularity: Int64
+  ) throws -> [LayeredExtent] {
+    var interesting: [Range<Int64>] = []
+    func add(_ extents: [LayeredExtent]) {
+      for extent in extents where extent.kind == .data {
+        let start = max(range.lowerBound, extent.range.lowerBound / granularity * granularity)
+        let end = min(range.upperBound, (extent.range.upperBound + granularity - 1) / granularity * granularity)
+        interesting.append(start..<end)
+      }
+    }
+    add(try source.extents(in: range))
+    let baseRange = range.clamped(to: 0..<base.virtualSize)
+    if !baseRange.isEmpty { add(try base.extents(in: baseRange)) }
+    interesting.sort { $0.lowerBound < $1.lowerBound }
+    var plan: [LayeredExtent] = []
+    var position = range.lowerBound
+    func append(_ piece: Range<Int64>, compare: Bool) {
+      guard !piece.isEmpty else { return }
+      if let last = plan.last, (last.kind == .data) == compare, last.range.upperBound == piece.lowerBound {
+        plan[plan.count - 1].range = last.range.lowerBound..<piece.upperBound
+      } else {
+        plan.append(
+          LayeredExtent(
+            range: piece, kind: compare ? .data : .unallocated, present: compare,
+            depth: compare ? compareDepth : 0, hostOffset: nil))
+      }
+    }
+    for piece in interesting where piece.upperBound > position {
+      append(position..<max(position, piece.lowerBound), compare: false)
+      append(max(position, piece.lowerBound)..<piece.upperBound, compare: true)
+      position = piece.upperBound
+    }
+    append(position..<range.upperBound, compare: false)
+    return plan
+  }
+
+  /// Splits bytes of the source into granules that read the same in `base` (left to it)
+  /// and granules that differ (stored: data runs and zero runs at `sparseSize`).
+  static func compareWithBase(
+    _ bytes: UnsafeMutableRawBufferPointer, at offset: Int64, base: Chain, granularity: Int64, sparseSize: Int
+  ) throws -> [Run] {
+    let other = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: 4096)
+    defer { other.deallocate() }
+    let inside = min(Int64(bytes.count), max(0, base.virtualSize - offset))
+    if inside > 0 { try base.read(into: UnsafeMutableRawBufferPointer(rebasing: other[0..<Int(inside)]), at: offset) }
+    if inside < Int64(bytes.count) {
+      UnsafeMutableRawBufferPointer(rebasing: other[Int(inside)...]).initializeMemory(as: UInt8.self, repeating: 0)
+    }
+    var runs: [Run] = []
+    var position = offset
+    let end = offset + Int64(bytes.count)
+    while position < end {
+      let granuleEnd = min(end, (position / granularity + 1) * granularity)
+      let local = Int(position - offset)..<Int(granuleEnd - offset)
+      let mine = UnsafeRawBufferPointer(rebasing: bytes[local])
+      if memcmp(mine.baseAddress!, other.baseAddress! + local.lowerBound, local.count) == 0 {
+        runs.append(Run(range: position..<granuleEnd, kind: .backing))
+      } else {
+        for piece in zeroRuns(mine, at: position, blockSize: sparseSize) {
+          runs.append(Run(range: piece.range, kind: piece.isZero ? .zero : .data))
+        }
+      }
+      position = granuleEnd
+    }
+    return runs
+  }
+
   static func merge(_ runs: [Run]) -> [Run] {
     var merged: [Run] = []
     for run in runs {
@@ -323,7 +409,9 @@ public final class Converter {
 
   /// A worker's job: read a unit's data segments, then split them into data and zero runs
   /// at `sparseSize` blocks aligned to the disk. Segments known to be zero are not read.
-  static func fill(_ segments: [Segment], chain: Chain, sparseSize: Int) throws -> FilledUnit {
+  static func fill(
+    _ segments: [Segment], chain: Chain, sparseSize: Int, base: Chain? = nil, granularity: Int64 = 1
+  ) throws -> FilledUnit {
     let start = segments.first!.range.lowerBound
     let end = segments.last!.range.upperBound
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(end - start), alignment: 4096)
@@ -347,6 +435,11 @@ public final class Converter {
           for piece in zeroRuns(UnsafeRawBufferPointer(slice), at: segment.range.lowerBound, blockSize: sparseSize) {
             runs.append(Run(range: piece.range, kind: piece.isZero ? .zero : .data))
           }
+        case .compare:
+          try chain.read(into: slice, at: segment.range.lowerBound)
+          bytesRead += Int64(slice.count)
+          runs += try compareWithBase(
+            slice, at: segment.range.lowerBound, base: base!, granularity: granularity, sparseSize: sparseSize)
         case .zero:
           runs.append(Run(range: segment.range, kind: .zero))
         case .backing:

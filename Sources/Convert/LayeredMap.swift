@@ -28,6 +28,10 @@ extension Chain {
   /// layers above it is reported `unallocated` (used for `-B` with a layer of the chain).
   public func extents(in range: Range<Int64>, stopDepth: Int? = nil) throws -> [LayeredExtent] {
     var result: [LayeredExtent] = []
+    if stopDepth == 0 {
+      // The output's backing file is the source itself: all of it is the backing's.
+      return [LayeredExtent(range: range, kind: .unallocated, present: false, depth: 0, hostOffset: nil)]
+    }
     try collect(range, depth: 0, limit: stopDepth ?? layers.count, into: &result)
     return result
   }

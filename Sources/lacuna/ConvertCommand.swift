@@ -92,15 +92,29 @@ struct ConvertCommand: ParsableCommand {
     let chain = try Chain.open(source, format: sourceFormat, registry: registry, backingFormat: sourceBackingFormat)
     for layer in chain.layers { for warning in layer.warnings { printError("\(layer.path): \(warning)") } }
 
-    // Writing over any file the source reads would destroy the input mid-read.
-    if let target = FileIdentity.of(path: destination), try chain.identities().contains(target) {
+    var engineOptions = ConvertOptions()
+    var writerOptions = WriterOptions(options: try parseOptions(options), compress: compress)
+    var inputs = try chain.identities()
+    if let backing {
+      // The name is recorded as given and, like any backing name, resolves against the
+      // directory of the image that holds it: the output's.
+      let base = try Chain.open(
+        Chain.resolveBacking(backing, relativeTo: destination), format: backingFormat, registry: registry)
+      writerOptions.backing = BackingReference(name: backing, format: backingFormat ?? base.top.formatName)
+      let baseIdentity = try base.top.file.identity()
+      if let depth = try chain.layers.firstIndex(where: { try $0.file.identity() == baseIdentity }) {
+        engineOptions.stopDepth = depth  // store exactly what the layers above it hold
+      } else {
+        engineOptions.compareBase = base  // store what differs from it, cluster by cluster
+      }
+      inputs.formUnion(try base.identities())
+    }
+
+    // Writing over any file the conversion reads would destroy an input mid-read.
+    if let target = FileIdentity.of(path: destination), inputs.contains(target) {
       throw ImageError.usage(path: destination, "the output is the same file as an input; refusing to overwrite it")
     }
 
-    var writerOptions = WriterOptions(options: try parseOptions(options), compress: compress)
-    if let backing {
-      writerOptions.backing = BackingReference(name: backing, format: backingFormat)
-    }
     let output = try OutputFile(creatingBeside: destination)
     let writer: ImageWriter
     do {
@@ -110,7 +124,6 @@ struct ConvertCommand: ParsableCommand {
       throw error
     }
 
-    var engineOptions = ConvertOptions()
     engineOptions.sparseSize = Int(parseSize(sparseSize)!)
     if let threads { engineOptions.threads = threads }
     let meter = progress && !quiet ? ProgressMeter() : nil

@@ -26,7 +26,7 @@ struct Lacuna: ParsableCommand {
         lacuna map --output=json disk.img
       """,
     version: version,
-    subcommands: [ConvertCommand.self, InfoCommand.self, MapCommand.self])
+    subcommands: [ConvertCommand.self, CreateCommand.self, InfoCommand.self, MapCommand.self])
 }
 
 /// The formats this build knows, in probing order; raw is what is left.
