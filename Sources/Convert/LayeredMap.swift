@@ -50,7 +50,12 @@ extension Chain {
         } else {
           // Cut short by stopDepth: the layer below owns it. At the bottom: nobody does.
           let cut = limit < layers.count
-          append(LayeredExtent(range: extent.range, kind: cut ? .unallocated : .zero, present: false, depth: depth, hostOffset: nil), to: &result)
+          // qemu-img map reports a host offset for an unallocated subcluster of an allocated
+          // cluster (extended L2); keep what the layer said.
+          append(
+            LayeredExtent(
+              range: extent.range, kind: cut ? .unallocated : .zero, present: false, depth: depth,
+              hostOffset: cut ? nil : extent.hostOffset), to: &result)
         }
       }
     }

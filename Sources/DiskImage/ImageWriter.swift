@@ -54,7 +54,8 @@ public protocol PreparingImageWriter: ImageWriter {
   /// Works on a unit: `bytes` hold the disk at `offset`; the length is a multiple of
   /// `granularity` except at the end of the disk. `dataRanges` are the parts that hold
   /// non-zero data (everything else in `bytes` is zero, or left to the backing file).
-  /// Called from several threads at once.
+  /// `bytes` stay valid and unchanged until `commit` for this unit returns, so the result
+  /// may point into them instead of copying. Called from several threads at once.
   func prepare(_ bytes: UnsafeRawBufferPointer, at offset: Int64, dataRanges: [Range<Int64>]) throws -> AnyObject
   /// Stores a prepared unit. Called on one thread, in disk order.
   func commit(_ prepared: AnyObject) throws

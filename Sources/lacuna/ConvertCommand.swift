@@ -94,6 +94,8 @@ struct ConvertCommand: ParsableCommand {
 
     var engineOptions = ConvertOptions()
     var writerOptions = WriterOptions(options: try parseOptions(options), compress: compress)
+    let (backing, backingFormat) = try takeBackingOptions(
+      &writerOptions.options, backing: self.backing, format: self.backingFormat)
     var inputs = try chain.identities()
     if let backing {
       // The name is recorded as given and, like any backing name, resolves against the

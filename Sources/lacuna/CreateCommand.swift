@@ -43,7 +43,9 @@ struct CreateCommand: ParsableCommand {
       throw ValidationError("'\(size)' is not a size (a number of bytes, or with k, M, G, T)")
     }
     if backingFormat != nil && backing == nil { throw ValidationError("-F needs -b") }
-    if backing == nil && size == nil { throw ValidationError("give a size, or a backing file (-b) to take it from") }
+    if backing == nil && size == nil && !options.contains(where: { $0.contains("backing_file=") }) {
+      throw ValidationError("give a size, or a backing file (-b) to take it from")
+    }
   }
 
   func run() throws {
@@ -51,6 +53,8 @@ struct CreateCommand: ParsableCommand {
       throw ImageError.usage(path: image, "cannot create images of format '\(format)' (known: \(registry.names.joined(separator: ", ")))")
     }
     var writerOptions = WriterOptions(options: try parseOptions(options))
+    let (backing, backingFormat) = try takeBackingOptions(
+      &writerOptions.options, backing: self.backing, format: self.backingFormat)
     var virtualSize = size.flatMap(parseSize)
     if let backing {
       let base = try Chain.open(Chain.resolveBacking(backing, relativeTo: image), format: backingFormat, registry: registry)

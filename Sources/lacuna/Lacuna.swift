@@ -86,6 +86,25 @@ func parseOptions(_ list: [String]) throws -> [String: String] {
   return result
 }
 
+/// Takes qemu-img's `-o backing_file=...,backing_fmt=...` out of the options: they mean
+/// the same as `-B`/`-b` and `-F`, and giving both ways at once is refused.
+func takeBackingOptions(
+  _ options: inout [String: String], backing: String?, format: String?
+) throws -> (backing: String?, format: String?) {
+  var backing = backing
+  var format = format
+  if let name = options.removeValue(forKey: "backing_file") {
+    guard backing == nil || backing == name else { throw ValidationError("backing file given twice, differently") }
+    backing = name
+  }
+  if let name = options.removeValue(forKey: "backing_fmt") {
+    guard format == nil || format == name else { throw ValidationError("backing format given twice, differently") }
+    format = name
+  }
+  if format != nil && backing == nil { throw ValidationError("a backing format needs a backing file") }
+  return (backing, format)
+}
+
 /// Formats a byte count as qemu-img does in its human output ("5 MiB", "1.5 GiB").
 func humanSize(_ bytes: Int64) -> String {
   let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]

@@ -1,0 +1,171 @@
+import DiskImage
+import Foundation
+import QCOW2
+import XCTest
+
+/// The folder of fixture images, found from this file's path.
+let fixturesDirectory: URL = URL(fileURLWithPath: #filePath)
+  .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+  .appendingPathComponent("Fixtures")
+
+func fixturePath(_ name: String) -> String { fixturesDirectory.appendingPathComponent(name).path }
+
+/// Runs qemu-img and qemu-io, the judges of what an image holds. Tests that need them skip
+/// with a message when they are not installed.
+enum Qemu {
+  static func executable(_ name: String) -> String? {
+    let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
+    for directory in path.split(separator: ":") {
+      let candidate = "\(directory)/\(name)"
+      if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+    }
+    return nil
+  }
+
+  static func require(_ name: String = "qemu-img") throws -> String {
+    guard let path = executable(name) else {
+      print("skipping: \(name) is not installed")
+      throw XCTSkip("\(name) is not installed")
+    }
+    return path
+  }
+
+  /// Runs a qemu tool; returns its standard output, fails the test on a non-zero exit.
+  @discardableResult
+  static func run(_ tool: String, _ arguments: [String], file: StaticString = #filePath, line: UInt = #line) throws -> Data {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: try require(tool))
+    process.arguments = arguments
+    let output = Pipe()
+    let errors = Pipe()
+    process.standardOutput = output
+    process.standardError = errors
+    try process.run()
+    let data = output.fileHandleForReading.readDataToEndOfFile()
+    let errorText = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    process.waitUntilExit()
+    guard process.terminationStatus == 0 else {
+      XCTFail("\(tool) \(arguments.joined(separator: " ")) failed: \(errorText)", file: file, line: line)
+      throw CocoaError(.fileReadUnknown)
+    }
+    return data
+  }
+
+  /// A qemu image spec that opens `path` as qcow2 without its backing file, so qemu
+  /// answers for this layer alone, as our reader does.
+  static func layerOnly(_ path: String) -> String {
+    let absolute = URL(fileURLWithPath: path).path
+    return #"json:{"driver":"qcow2","backing":null,"file":{"driver":"file","filename":"\#(absolute)"}}"#
+  }
+
+  /// The virtual disk of one layer as qemu-img reads it (unallocated reads as zeros).
+  static func rawContent(of path: String, in directory: URL) throws -> [UInt8] {
+    let output = directory.appendingPathComponent(UUID().uuidString + ".raw").path
+    try run("qemu-img", ["convert", "-O", "raw", layerOnly(path), output])
+    defer { try? FileManager.default.removeItem(atPath: output) }
+    return [UInt8](try Data(contentsOf: URL(fileURLWithPath: output)))
+  }
+
+  /// One entry of `qemu-img map --output=json`.
+  struct MapEntry: Equatable, CustomStringConvertible {
+    var start: Int64
+    var length: Int64
+    var present: Bool
+    var zero: Bool
+    var data: Bool
+    var offset: Int64?
+
+    var description: String {
+      "{\(start)+\(length) present=\(present) zero=\(zero) data=\(data)" + (offset.map { " offset=\($0)" } ?? "") + "}"
+    }
+  }
+
+  /// qemu-img's map of one layer, with data over host-file holes counted as data (below).
+  static func map(of path: String) throws -> [MapEntry] {
+    let json = try JSONSerialization.jsonObject(with: run("qemu-img", ["map", "--output=json", layerOnly(path)]))
+    return dataHolesAsData((json as! [[String: Any]]).map { entry in
+      MapEntry(
+        start: (entry["start"] as! NSNumber).int64Value, length: (entry["length"] as! NSNumber).int64Value,
+        present: entry["present"] as! Bool, zero: entry["zero"] as! Bool, data: entry["data"] as! Bool,
+        offset: (entry["offset"] as? NSNumber)?.int64Value)
+    })
+  }
+
+  /// qemu-img map also asks the host file system, and reports a data cluster whose host
+  /// bytes are a hole as `"zero": true, "data": true`. We answer for the format only (a
+  /// checked-out fixture has no holes anyway), so such entries count as plain data here.
+  static func dataHolesAsData(_ entries: [Qemu.MapEntry]) -> [Qemu.MapEntry] {
+    var result: [Qemu.MapEntry] = []
+    for var entry in entries {
+      if entry.data { entry.zero = false }
+      if var last = result.last, last.present == entry.present, last.zero == entry.zero, last.data == entry.data,
+        last.start + last.length == entry.start,
+        (last.offset == nil && entry.offset == nil) || (last.offset.map { $0 + last.length } == entry.offset && entry.offset != nil)
+      {
+        last.length += entry.length
+        result[result.count - 1] = last
+      } else {
+        result.append(entry)
+      }
+    }
+    return result
+  }
+
+
+  /// `qemu-img info --output=json`, parsed, and the raw text (for key order).
+  static func info(of path: String) throws -> (object: [String: Any], text: String) {
+    let data = try run("qemu-img", ["info", "--output=json", path])
+    return (try JSONSerialization.jsonObject(with: data) as! [String: Any], String(decoding: data, as: UTF8.self))
+  }
+}
+
+/// Our extents in the shape of qemu-img map's JSON entries.
+func mapEntries(_ extents: [Extent]) -> [Qemu.MapEntry] {
+  extents.map { extent in
+    Qemu.MapEntry(
+      start: extent.range.lowerBound, length: extent.length, present: extent.kind != .unallocated,
+      zero: extent.kind != .data, data: extent.kind == .data, offset: extent.hostOffset)
+  }
+}
+
+/// A fresh temporary directory, removed when the test ends.
+func temporaryDirectory(for test: XCTestCase) throws -> URL {
+  let url = FileManager.default.temporaryDirectory.appendingPathComponent("qcow2-tests-" + UUID().uuidString)
+  try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
+  test.addTeardownBlock { try? FileManager.default.removeItem(at: url) }
+  return url
+}
+
+func openQCOW2(_ path: String) throws -> ImageReader {
+  try QCOW2.format.open(ImageFile.openForReading(path))
+}
+
+/// Reads the whole virtual disk in pieces of `chunk` bytes.
+func readAll(_ reader: ImageReader, chunk: Int = 1 << 20) throws -> [UInt8] {
+  var bytes = [UInt8](repeating: 0xEE, count: Int(reader.virtualSize))
+  var offset = 0
+  while offset < bytes.count {
+    let count = min(chunk, bytes.count - offset)
+    try bytes.withUnsafeMutableBytes { buffer in
+      try reader.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[offset..<offset + count]), at: Int64(offset))
+    }
+    offset += count
+  }
+  return bytes
+}
+
+/// Asserts `body` throws an ImageError whose one-line description contains `expected`.
+func assertImageError(
+  _ expected: String, file: StaticString = #filePath, line: UInt = #line, _ body: () throws -> Void
+) {
+  do {
+    try body()
+    XCTFail("expected an error containing '\(expected)', got none", file: file, line: line)
+  } catch let error as ImageError {
+    let text = error.description
+    XCTAssertFalse(text.contains("\n"), "multi-line message: \(text)", file: file, line: line)
+    XCTAssertTrue(text.contains(expected), "'\(text)' does not contain '\(expected)'", file: file, line: line)
+  } catch {
+    XCTFail("expected ImageError, got \(type(of: error)): \(error)", file: file, line: line)
+  }
+}
