@@ -4,7 +4,7 @@ import XCTest
 /// `info`, `map`, probing and the CLI's own surface.
 final class InspectTests: XCTestCase {
   func testMapMatchesQemuImgOnRaw() throws {
-    let qemu = try qemuImg()
+    let qemu = try requireQemuImg()
     let dir = try temporaryDirectory(self)
     let src = dir.appendingPathComponent("map.img").path
     try makeSparseFile(

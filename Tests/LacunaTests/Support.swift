@@ -73,7 +73,7 @@ func which(_ name: String) -> String? {
 }
 
 /// qemu-img's path, or a skip saying it is missing (CI installs it, so there it runs).
-func qemuImg() throws -> String {
+func requireQemuImg() throws -> String {
   guard let path = which("qemu-img") else {
     throw XCTSkip("qemu-img is not installed (apt-get install qemu-utils); skipping the comparison with it")
   }
