@@ -89,20 +89,28 @@ public final class Converter {
   /// A unit after a worker read it: the bytes and how they split into data and zeros.
   final class FilledUnit {
     let start: Int64
+    /// The unit's bytes; only the first `length` belong to it.
     let buffer: UnsafeMutableRawBufferPointer
+    let length: Int
+    let pool: BufferPool
     let runs: [Run]
     let bytesRead: Int64
     /// What a `PreparingImageWriter` made of the unit on the worker thread.
     var prepared: AnyObject?
 
-    init(start: Int64, buffer: UnsafeMutableRawBufferPointer, runs: [Run], bytesRead: Int64) {
+    init(
+      start: Int64, buffer: UnsafeMutableRawBufferPointer, length: Int, pool: BufferPool, runs: [Run],
+      bytesRead: Int64
+    ) {
       self.start = start
       self.buffer = buffer
+      self.length = length
+      self.pool = pool
       self.runs = runs
       self.bytesRead = bytesRead
     }
 
-    deinit { buffer.deallocate() }
+    deinit { pool.give(buffer) }
   }
 
   /// Runs the conversion, then `writer.finish()`. On any error, `writer.abandon()`.
@@ -127,14 +135,16 @@ public final class Converter {
     let window = max(options.windowSize / unit, 1) * unit
     let sparseSize = options.sparseSize
 
+    // Units in the pipeline, results waiting, and one per worker being filled.
+    let pool = BufferPool(size: Int(unit), limit: options.threads * 3 + 2)
     let pipeline = OrderedPipeline<[Segment], FilledUnit>(
       threads: options.threads, capacity: options.threads * 2
     ) { [chain, writer, compareBase = options.compareBase] segments in
       let filled = try Converter.fill(
-        segments, chain: chain, sparseSize: sparseSize, base: compareBase, granularity: granularity)
+        segments, chain: chain, sparseSize: sparseSize, pool: pool, base: compareBase, granularity: granularity)
       if let preparing = writer as? PreparingImageWriter {
         filled.prepared = try preparing.prepare(
-          UnsafeRawBufferPointer(filled.buffer), at: filled.start,
+          UnsafeRawBufferPointer(rebasing: filled.buffer[0..<filled.length]), at: filled.start,
           dataRanges: filled.runs.filter { $0.kind == .data }.map(\.range))
       }
       return filled
@@ -410,11 +420,12 @@ public final class Converter {
   /// A worker's job: read a unit's data segments, then split them into data and zero runs
   /// at `sparseSize` blocks aligned to the disk. Segments known to be zero are not read.
   static func fill(
-    _ segments: [Segment], chain: Chain, sparseSize: Int, base: Chain? = nil, granularity: Int64 = 1
+    _ segments: [Segment], chain: Chain, sparseSize: Int, pool: BufferPool, base: Chain? = nil,
+    granularity: Int64 = 1
   ) throws -> FilledUnit {
     let start = segments.first!.range.lowerBound
     let end = segments.last!.range.upperBound
-    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(end - start), alignment: 4096)
+    let buffer = pool.take(Int(end - start))
     var runs: [Run] = []
     var bytesRead: Int64 = 0
     do {
@@ -447,9 +458,10 @@ public final class Converter {
         }
       }
     } catch {
-      buffer.deallocate()
+      pool.give(buffer)
       throw error
     }
-    return FilledUnit(start: start, buffer: buffer, runs: merge(runs), bytesRead: bytesRead)
+    return FilledUnit(
+      start: start, buffer: buffer, length: Int(end - start), pool: pool, runs: merge(runs), bytesRead: bytesRead)
   }
 }
