@@ -54,6 +54,11 @@ struct ConvertCommand: ParsableCommand {
   @Flag(name: .customShort("W"), help: "Accepted for qemu-img compatibility; output is always written in order.")
   var outOfOrder = false
 
+  @Option(
+    name: .customShort("t"),
+    help: "Output cache mode: writeback (default: fsync, then rename) or unsafe (no fsync, as qemu-img).")
+  var cacheMode: CacheMode = .writeback
+
   @Flag(name: .customShort("p"), help: "Show progress.")
   var progress = false
 
@@ -89,6 +94,7 @@ struct ConvertCommand: ParsableCommand {
     guard let create = outputFormatEntry.create else {
       throw ImageError.usage(path: destination, "lacuna cannot write \(outputFormat) images")
     }
+    if try readsStream() { return try receiveStream() }  // StreamConvert.swift
     let chain = try Chain.open(source, format: sourceFormat, registry: registry, backingFormat: sourceBackingFormat)
     for layer in chain.layers { for warning in layer.warnings { printError("\(layer.path): \(warning)") } }
 
@@ -117,7 +123,8 @@ struct ConvertCommand: ParsableCommand {
       throw ImageError.usage(path: destination, "the output is the same file as an input; refusing to overwrite it")
     }
 
-    let output = try OutputFile(creatingBeside: destination)
+    let output = try openOutput()  // a temporary file, or standard output for `-` (StreamConvert.swift)
+    output.synchronizes = cacheMode != .unsafe
     let writer: ImageWriter
     do {
       writer = try create(output, chain.virtualSize, writerOptions)
@@ -141,6 +148,12 @@ struct ConvertCommand: ParsableCommand {
           + String(format: "%.3f s", seconds), prefix: false)
     }
   }
+}
+
+/// qemu-img's `-t` cache modes that lacuna has: both write through the page cache; only
+/// writeback flushes before the rename.
+enum CacheMode: String, ExpressibleByArgument, CaseIterable {
+  case writeback, unsafe
 }
 
 /// qemu-img's `-p` display: "    (42.00/100%)" rewritten in place, at most every 0.1 s.
