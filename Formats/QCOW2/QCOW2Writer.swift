@@ -1,3 +1,4 @@
+import Foundation
 import Compression
 import DiskImage
 
@@ -228,7 +229,11 @@ public final class QCOW2Writer: PreparingImageWriter {
         }
       }
       // qemu's rule: keep the compressed form only when it is smaller than the cluster.
-      let compressed = try scratch.withUnsafeBytes { input in try codecs.withCodec { try $0.compress(input) } }
+      let compressed = try scratch.withUnsafeBytes { input in
+        try codecs.withCodec { codec in
+          try QCOW2Writer.looksIncompressible(input, codec: codec) ? nil : codec.compress(input)
+        }
+      }
       if let compressed, compressed.count < size {
         unit.clusters.append((cluster, .compressed(compressed)))
       } else {
@@ -236,6 +241,30 @@ public final class QCOW2Writer: PreparingImageWriter {
       }
     }
     return unit
+  }
+
+  /// True for a cluster that is almost surely incompressible (random bytes, encrypted or
+  /// already compressed data), so the full compression attempt, which fails anyway, is
+  /// skipped: qemu spends most of a compressed conversion of such data failing to compress
+  /// it. Both must hold: the byte histogram is nearly flat (order-0 entropy above 7.9 bits
+  /// per byte), and the first 4 KiB do not shrink at all; a flat histogram alone would
+  /// also match data of repeating patterns, which compresses well. A pure function of the
+  /// cluster's bytes, so the output stays the same whatever the thread count.
+  static func looksIncompressible(_ cluster: UnsafeRawBufferPointer, codec: Codec) throws -> Bool {
+    let sample = 4096
+    guard cluster.count >= 4 * sample else { return false }
+    var counts = [Int](repeating: 0, count: 256)
+    counts.withUnsafeMutableBufferPointer { table in
+      for byte in cluster { table[Int(byte)] += 1 }
+    }
+    let total = Double(cluster.count)
+    var entropy = 0.0
+    for count in counts where count > 0 {
+      let p = Double(count) / total
+      entropy -= p * log2(p)
+    }
+    guard entropy > 7.9 else { return false }
+    return try codec.compress(UnsafeRawBufferPointer(rebasing: cluster[0..<sample])) == nil
   }
 
   public func commit(_ prepared: AnyObject) throws {

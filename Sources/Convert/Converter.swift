@@ -84,6 +84,8 @@ public final class Converter {
   struct Run {
     var range: Range<Int64>
     var kind: RunKind
+    /// For zero runs: found by scanning data that was read (not a hole in the map).
+    var scanned = false
   }
 
   /// A unit after a worker read it: the bytes and how they split into data and zeros.
@@ -171,7 +173,7 @@ public final class Converter {
           statistics.bytesWritten += Int64(run.range.count)
         case .zero:
           try writer.writeZeroes(run.range)
-          if filled != nil { statistics.zeroBytesSkipped += Int64(run.range.count) } else {
+          if run.scanned { statistics.zeroBytesSkipped += Int64(run.range.count) } else {
             statistics.holeBytes += Int64(run.range.count)
           }
         case .backing:
@@ -397,7 +399,7 @@ public final class Converter {
         runs.append(Run(range: position..<granuleEnd, kind: .backing))
       } else {
         for piece in zeroRuns(mine, at: position, blockSize: sparseSize) {
-          runs.append(Run(range: piece.range, kind: piece.isZero ? .zero : .data))
+          runs.append(Run(range: piece.range, kind: piece.isZero ? .zero : .data, scanned: true))
         }
       }
       position = granuleEnd
@@ -408,7 +410,9 @@ public final class Converter {
   static func merge(_ runs: [Run]) -> [Run] {
     var merged: [Run] = []
     for run in runs {
-      if let last = merged.last, last.kind == run.kind, last.range.upperBound == run.range.lowerBound {
+      if let last = merged.last, last.kind == run.kind, last.scanned == run.scanned,
+        last.range.upperBound == run.range.lowerBound
+      {
         merged[merged.count - 1].range = last.range.lowerBound..<run.range.upperBound
       } else {
         merged.append(run)
@@ -444,7 +448,7 @@ public final class Converter {
             slice.initializeMemory(as: UInt8.self, repeating: 0)
           }
           for piece in zeroRuns(UnsafeRawBufferPointer(slice), at: segment.range.lowerBound, blockSize: sparseSize) {
-            runs.append(Run(range: piece.range, kind: piece.isZero ? .zero : .data))
+            runs.append(Run(range: piece.range, kind: piece.isZero ? .zero : .data, scanned: true))
           }
         case .compare:
           try chain.read(into: slice, at: segment.range.lowerBound)

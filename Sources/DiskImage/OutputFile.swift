@@ -15,6 +15,9 @@ public final class OutputFile {
   public let temporaryPath: String
   /// The open temporary file; writers write here.
   public let file: ImageFile
+  /// False skips the fsyncs of `commit()` (qemu-img's `-t unsafe`): faster, but a crash
+  /// soon after may leave a renamed file whose blocks never reached the disk.
+  public var synchronizes = true
   private var cleanupSlot: Int32
   private var finished = false
 
@@ -35,14 +38,37 @@ public final class OutputFile {
     file = ImageFile.adoptWritable(descriptor: fd, path: path)
   }
 
+  /// True for standard output (see `init(standardOutput:)`).
+  public private(set) var isStandardOutput = false
+
+  /// Standard output, for formats written as a stream (`-` as the destination): no
+  /// temporary file and nothing to rename. `commit()` only flushes (fsync when it is a
+  /// regular file); `abandon()` cannot take back what was sent, so a stream format must end
+  /// with a record whose absence the reader detects.
+  public init(standardOutput: Void) {
+    OutputFile.installHandlersOnce  // SIGPIPE ignored: a closed pipe is EPIPE, an error
+    path = "-"
+    temporaryPath = ""
+    file = ImageFile.adoptWritable(descriptor: STDOUT_FILENO, path: "standard output")
+    cleanupSlot = -1
+    isStandardOutput = true
+  }
+
   deinit { abandon() }
 
   /// Makes the output visible at `path`: fsync the file, close it, rename it over the
   /// destination, fsync the directory.
   public func commit() throws {
     guard !finished else { return }
+    if isStandardOutput {
+      finished = true
+      if synchronizes && fsync(file.descriptor) != 0 && errno != EINVAL && errno != EROFS {
+        throw ImageError.system(path: file.path, operation: "fsync", errno: errno)
+      }
+      return
+    }
     do {
-      try file.synchronize()
+      if synchronizes { try file.synchronize() }
       try file.closeChecked()
       guard rename(temporaryPath, path) == 0 else {
         throw ImageError.system(path: path, operation: "rename \(temporaryPath) into place", errno: errno)
@@ -50,7 +76,7 @@ public final class OutputFile {
       finished = true
       lacuna_cleanup_unregister(cleanupSlot)
       let directory = splitPath(path).directory
-      let dfd = open(directory.isEmpty ? "." : directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+      let dfd = synchronizes ? open(directory.isEmpty ? "." : directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1
       if dfd >= 0 {
         defer { Glibc.close(dfd) }
         if fsync(dfd) != 0 && errno != EINVAL {
@@ -66,6 +92,10 @@ public final class OutputFile {
   /// Removes the temporary file. Does nothing after `commit()`.
   public func abandon() {
     guard !finished else { return }
+    if isStandardOutput {
+      finished = true
+      return
+    }
     finished = true
     file.close()
     unlink(temporaryPath)

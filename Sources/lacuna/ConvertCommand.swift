@@ -62,6 +62,11 @@ struct ConvertCommand: ParsableCommand {
   @Flag(name: .customShort("p"), help: "Show progress.")
   var progress = false
 
+  @Option(
+    name: .customLong("progress"),
+    help: "Progress as 'bar' (like -p) or 'json': one object per line with bytes-done, bytes-total, elapsed.")
+  var progressFormat: ProgressFormat?
+
   @Flag(name: .customShort("q"), help: "Quiet: no progress, no summary.")
   var quiet = false
 
@@ -135,7 +140,8 @@ struct ConvertCommand: ParsableCommand {
 
     engineOptions.sparseSize = Int(parseSize(sparseSize)!)
     if let threads { engineOptions.threads = threads }
-    let meter = progress && !quiet ? ProgressMeter() : nil
+    let format = progressFormat ?? (progress ? .bar : nil)
+    let meter = quiet ? nil : format.map { ProgressMeter(format: $0, toStandardError: destination == "-") }
     engineOptions.progress = meter.map { meter in { meter.update(done: $0, total: $1) } }
     let statistics = try Converter(chain: chain, writer: writer, options: engineOptions).run()
     meter?.finish()
@@ -144,7 +150,8 @@ struct ConvertCommand: ParsableCommand {
       printError(
         "converted \(source) to \(destination): \(statistics.virtualSize) bytes virtual, "
           + "\(statistics.bytesRead) read, \(statistics.bytesWritten) written, "
-          + "\(statistics.holeBytes) holes and \(statistics.zeroBytesSkipped) zero bytes skipped, "
+          + "\(statistics.holeBytes) skipped as holes, \(statistics.zeroBytesSkipped) as zero blocks, "
+          + (statistics.backingBytes > 0 ? "\(statistics.backingBytes) left to the backing file, " : "")
           + String(format: "%.3f s", seconds), prefix: false)
     }
   }
@@ -154,24 +161,4 @@ struct ConvertCommand: ParsableCommand {
 /// writeback flushes before the rename.
 enum CacheMode: String, ExpressibleByArgument, CaseIterable {
   case writeback, unsafe
-}
-
-/// qemu-img's `-p` display: "    (42.00/100%)" rewritten in place, at most every 0.1 s.
-final class ProgressMeter {
-  private var lastShown = -1.0
-  private var lastTime = Date.distantPast
-
-  func update(done: Int64, total: Int64) {
-    let percent = total == 0 ? 100 : Double(done) * 100 / Double(total)
-    let now = Date()
-    guard percent >= 100 || now.timeIntervalSince(lastTime) >= 0.1, percent != lastShown else { return }
-    lastShown = percent
-    lastTime = now
-    fputs(String(format: "    (%.2f/100%%)\r", percent), stderr)
-  }
-
-  func finish() {
-    update(done: 1, total: 1)
-    fputs("\n", stderr)
-  }
 }

@@ -190,3 +190,40 @@ final class ConvertRawTests: XCTestCase {
     }
   }
 }
+
+/// What a conversion reports as it runs and when it ends.
+final class ProgressTests: XCTestCase {
+  func testJSONProgressAndSummary() throws {
+    let dir = try temporaryDirectory(self)
+    let src = dir.appendingPathComponent("src.img").path
+    var pieces: [(Int64, [UInt8])] = [(1 << 20, patternBytes(3 << 20, seed: 1))]
+    pieces.append((40 << 20, [UInt8](repeating: 0, count: 2 << 20)))  // allocated zeros
+    try makeSparseFile(src, size: 64 << 20, pieces: pieces)
+    let outcome = try lacuna("convert", "--progress=json", "--summary", src, dir.appendingPathComponent("dst.img").path)
+    XCTAssertEqual(outcome.status, 0, outcome.stderr)
+    let lines = outcome.stdout.split(separator: "\n")
+    XCTAssertGreaterThanOrEqual(lines.count, 1)
+    var previous: Int64 = -1
+    for line in lines {
+      let object = try XCTUnwrap(try parseJSON(String(line)) as? [String: Any], String(line))
+      let done = try XCTUnwrap((object["bytes-done"] as? NSNumber)?.int64Value)
+      XCTAssertEqual((object["bytes-total"] as? NSNumber)?.int64Value, 64 << 20)
+      XCTAssertNotNil(object["elapsed"])
+      XCTAssertGreaterThan(done, previous)
+      previous = done
+    }
+    XCTAssertEqual(previous, 64 << 20, "the last line says everything is done")
+    XCTAssertTrue(outcome.stderr.contains("\((3 << 20)) written"), outcome.stderr)
+    XCTAssertTrue(outcome.stderr.contains("\(2 << 20) as zero blocks"), outcome.stderr)
+    XCTAssertTrue(outcome.stderr.contains("\((64 << 20) - (5 << 20)) skipped as holes"), outcome.stderr)
+  }
+
+  func testBarProgressEndsAtOneHundred() throws {
+    let dir = try temporaryDirectory(self)
+    let src = dir.appendingPathComponent("src.img").path
+    try makeSparseFile(src, size: 8 << 20, pieces: [(0, patternBytes(4096, seed: 2))])
+    let outcome = try lacuna("convert", "-p", src, dir.appendingPathComponent("dst.img").path)
+    XCTAssertEqual(outcome.status, 0)
+    XCTAssertTrue(outcome.stdout.hasSuffix("(100.00/100%)\r\n"), outcome.stdout.debugDescription)
+  }
+}
