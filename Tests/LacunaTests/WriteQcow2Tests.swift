@@ -6,30 +6,7 @@ import XCTest
 #endif
 
 /// `convert -O qcow2` and `create` through the built binary, judged by qemu-img.
-final class WriteQcow2Tests: XCTestCase {
-  var dir: URL!
-  var qemu: String!
-
-  override func setUpWithError() throws {
-    qemu = try requireQemuImg()
-    guard which("qemu-io") != nil else { throw XCTSkip("qemu-io is not installed (apt-get install qemu-utils)") }
-    dir = try temporaryDirectory(self)
-  }
-
-  func path(_ name: String) -> String { dir.appendingPathComponent(name).path }
-
-  @discardableResult
-  func qemuImg(_ arguments: String...) throws -> Outcome {
-    try runProgram(qemu, arguments, in: dir)
-  }
-
-  func qemuIO(_ image: String, _ commands: String...) throws {
-    var arguments: [String] = []
-    for command in commands { arguments += ["-c", command] }
-    let outcome = try runProgram(which("qemu-io")!, arguments + [image], in: dir)
-    XCTAssertEqual(outcome.status, 0, outcome.stderr)
-  }
-
+final class WriteQcow2Tests: QemuTestCase {
   func assertClean(_ image: String, file: StaticString = #filePath, line: UInt = #line) throws {
     let check = try qemuImg("check", image)
     XCTAssertEqual(check.status, 0, check.stdout + check.stderr, file: file, line: line)
