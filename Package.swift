@@ -26,10 +26,11 @@ let package = Package(
       name: "QCOW2", dependencies: ["DiskImage", "Compression"], path: "Formats/QCOW2",
       exclude: ["README.md"]),
     .target(name: "Convert", dependencies: ["DiskImage"], path: "Sources/Convert"),
+    .target(name: "Stream", dependencies: ["DiskImage", "CZlib"], path: "Formats/Stream", exclude: ["README.md"]),
     .executableTarget(
       name: "lacuna",
       dependencies: [
-        "DiskImage", "Convert", "Raw", "QCOW2",
+        "DiskImage", "Convert", "Raw", "QCOW2", "Stream",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
       ],
       path: "Sources/lacuna"),
@@ -43,5 +44,6 @@ let package = Package(
       name: "ConvertTests", dependencies: ["Convert", "DiskImage", "Raw", "QCOW2"],
       path: "Tests/ConvertTests"),
     .testTarget(name: "LacunaTests", dependencies: ["lacuna"], path: "Tests/LacunaTests"),
+    .testTarget(name: "StreamTests", dependencies: ["Stream", "DiskImage", "Raw", "CZlib"], path: "Tests/StreamTests"),
   ]
 )

@@ -4,6 +4,7 @@ import Foundation
 import DiskImage
 import QCOW2
 import Raw
+import Stream
 
 #if canImport(Glibc)
   import Glibc
@@ -26,11 +27,14 @@ struct Lacuna: ParsableCommand {
         lacuna map --output=json disk.img
       """,
     version: version,
-    subcommands: [ConvertCommand.self, CreateCommand.self, InfoCommand.self, MapCommand.self])
+    subcommands: [
+      ConvertCommand.self, CreateCommand.self, InfoCommand.self, MapCommand.self,
+      SparsifyCommand.self, StreamReceiverCommand.self,
+    ])
 }
 
 /// The formats this build knows, in probing order; raw is what is left.
-let registry = FormatRegistry(formats: [QCOW2.format], fallback: Raw.format)
+let registry = FormatRegistry(formats: [QCOW2.format, SparseStream.format], fallback: Raw.format)
 
 /// A failure that is not an image's fault, with the exit status it deserves.
 struct CommandFailure: Error {

@@ -1,0 +1,83 @@
+import ArgumentParser
+import DiskImage
+import Foundation
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+struct SparsifyCommand: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "sparsify",
+    abstract: "Give a raw image its holes back in place: punch out every all-zero block.",
+    discussion: """
+      Reads the file's data extents (never its holes) and punches a hole (fallocate \
+      PUNCH_HOLE) over each all-zero block, as fallocate --dig-holes does: the content and \
+      the size are unchanged, the blocks are freed. The image is opened for writing, which \
+      is the point of this verb; do not run it on an image a virtual machine is using.
+
+      qcow2 images are refused (exit status 2): lacuna convert -O qcow2 OLD NEW drops their \
+      zero clusters.
+
+      Examples:
+        lacuna sparsify disk.img
+        lacuna sparsify -S 64k --summary disk.img
+      """)
+
+  @Option(name: .customShort("f"), help: "The image's format (raw only); probed when omitted.")
+  var format: String?
+
+  @Option(name: .customShort("S"), help: "Zero blocks of this size (aligned to the file) become holes (default 4k).")
+  var sparseSize: String = "4k"
+
+  @Flag(name: .customLong("summary"), help: "Print a summary line when done (bytes scanned and punched, allocation before and after).")
+  var summary = false
+
+  @Argument(help: "The raw image to sparsify in place.")
+  var image: String
+
+  func validate() throws {
+    guard let size = parseSize(sparseSize), size > 0, size % 512 == 0, size <= 16 << 20 else {
+      throw ValidationError("-S takes a multiple of 512 bytes up to 16M (got '\(sparseSize)')")
+    }
+  }
+
+  func run() throws {
+    let started = Date()
+    // Decide on a read-only descriptor: an image that is not raw is never opened for writing.
+    let reading = try ImageFile.openForReading(image)
+    guard (try reading.status().st_mode & S_IFMT) == S_IFREG else {
+      throw ImageError.usage(path: image, "is not a regular file; sparsify punches holes in raw image files")
+    }
+    let formatName = try format ?? registry.probe(reading).name
+    guard formatName == "raw" else {
+      if registry.format(named: formatName) == nil {
+        throw ImageError.usage(path: image, "unknown format '\(formatName)' (sparsify works on raw images)")
+      }
+      throw ImageError.usage(
+        path: image,
+        "is a \(formatName) image; sparsify works on raw images in place. To drop its zero blocks, convert it: "
+          + "lacuna convert -O \(formatName == "stream" ? "raw" : formatName) \(image) NEW, then move NEW over it")
+    }
+
+    let descriptor = open(image, O_RDWR | O_CLOEXEC)
+    guard descriptor >= 0 else {
+      throw ImageError.system(path: image, operation: "open for writing", errno: errno)
+    }
+    let file = ImageFile.adoptWritable(descriptor: descriptor, path: image)
+    guard try file.identity() == reading.identity() else {
+      throw ImageError.usage(path: image, "the file changed while being opened; try again")
+    }
+    reading.close()
+
+    let statistics = try Sparsifier(file: file, blockSize: Int(parseSize(sparseSize)!)).run()
+    try file.closeChecked()
+    if summary {
+      printError(
+        "sparsified \(image): \(statistics.bytesScanned) bytes of data scanned, "
+          + "\(statistics.bytesPunched) punched in \(statistics.holesPunched) holes, "
+          + "allocated \(statistics.allocatedBefore) -> \(statistics.allocatedAfter) bytes, "
+          + String(format: "%.3f s", Date().timeIntervalSince(started)), prefix: false)
+    }
+  }
+}
