@@ -40,7 +40,7 @@ struct InfoCommand: ParsableCommand {
     case .json:
       print(renderJSON(backingChain ? .array(described) : described[0]))
     case .human:
-      print(try layers.map(humanDescription).joined(separator: "\n"))
+      print(try layers.map(humanDescription).joined(separator: "\n\n"))
     }
   }
 
