@@ -63,6 +63,10 @@ struct QCOW2Header {
   static let maximumL1Bytes = 32 << 20
   /// qemu's limit on internal snapshots.
   static let maximumSnapshots = 65536
+  /// The fixed part of a snapshot table entry; the id and name follow it.
+  static let minimumSnapshotEntryBytes = 40
+  /// qemu's limit on the refcount table (8 MiB).
+  static let maximumRefcountTableBytes = 8 << 20
   /// The largest cluster qemu opens (2 MiB); cluster_bits beyond it are refused as unsupported.
   static let maximumClusterBits = 21
 
@@ -91,7 +95,7 @@ struct QCOW2Header {
     }
     guard rawClusterBits <= UInt32(maximumClusterBits) else {
       throw unsupported(
-        "cluster_bits is \(rawClusterBits) (\(1 << rawClusterBits) byte clusters); clusters larger than 2 MiB (cluster_bits \(maximumClusterBits)) are not supported")
+        "cluster_bits is \(rawClusterBits) (clusters of 2^\(rawClusterBits) bytes); clusters larger than 2 MiB (cluster_bits \(maximumClusterBits)) are not supported")
     }
     let clusterBits = Int(rawClusterBits)
     let clusterSize = 1 << clusterBits
@@ -200,7 +204,8 @@ struct QCOW2Header {
           "L1 table at \(hex(rawL1Offset)) (\(l1Size) entries) runs past the end of the file (size \(hex(fileSize)))")
       }
     }
-    l1TableOffset = Int64(rawL1Offset)
+    // With no L1 entries the offset means nothing (and may be any 64-bit value).
+    l1TableOffset = l1Size > 0 ? Int64(rawL1Offset) : 0
 
     let rawRefcountOffset = reader.uint64(at: 48)!
     guard rawRefcountOffset % UInt64(clusterSize) == 0 else {
@@ -209,6 +214,18 @@ struct QCOW2Header {
     let rawRefcountClusters = reader.uint32(at: 56)!
     guard rawRefcountOffset <= UInt64(Int64.max) - UInt64(rawRefcountClusters) * UInt64(clusterSize) else {
       throw invalid("refcount table at \(hex(rawRefcountOffset)) (\(rawRefcountClusters) clusters) is beyond any file")
+    }
+    // We never read refcounts, but a table qemu would refuse, or one the file does not
+    // hold, says the header is damaged.
+    guard UInt64(rawRefcountClusters) * UInt64(clusterSize) <= UInt64(Self.maximumRefcountTableBytes) else {
+      throw invalid(
+        "refcount table of \(rawRefcountClusters) clusters is larger than the 8 MiB limit (\(Self.maximumRefcountTableBytes / Int(clusterSize)) clusters)")
+    }
+    guard rawRefcountOffset + UInt64(rawRefcountClusters) * UInt64(clusterSize) <= UInt64(fileSize)
+      || rawRefcountClusters == 0
+    else {
+      throw invalid(
+        "refcount table at \(hex(rawRefcountOffset)) (\(rawRefcountClusters) clusters) runs past the end of the file (size \(hex(fileSize)))")
     }
     refcountTableOffset = Int64(rawRefcountOffset)
     refcountTableClusters = Int64(rawRefcountClusters)
@@ -222,12 +239,17 @@ struct QCOW2Header {
       guard rawSnapshotsOffset % UInt64(clusterSize) == 0 else {
         throw invalid("snapshot table offset \(hex(rawSnapshotsOffset)) is not aligned to the cluster size \(hex(clusterSize))")
       }
-      guard rawSnapshotsOffset < UInt64(fileSize) else {
-        throw invalid("snapshot table at \(hex(rawSnapshotsOffset)) is past the end of the file (size \(hex(fileSize)))")
+      // Each entry is at least 40 bytes (its fixed part), so the table's least extent is known.
+      guard rawSnapshotsOffset < UInt64(fileSize),
+        UInt64(fileSize) - rawSnapshotsOffset >= UInt64(rawSnapshotCount) * UInt64(Self.minimumSnapshotEntryBytes)
+      else {
+        throw invalid(
+          "snapshot table at \(hex(rawSnapshotsOffset)) (\(rawSnapshotCount) snapshots, at least \(UInt64(rawSnapshotCount) * UInt64(Self.minimumSnapshotEntryBytes)) bytes) runs past the end of the file (size \(hex(fileSize)))")
       }
     }
     snapshotCount = Int(rawSnapshotCount)
-    snapshotsOffset = Int64(rawSnapshotsOffset)
+    // With no snapshots the offset means nothing (and may be any 64-bit value).
+    snapshotsOffset = rawSnapshotCount > 0 ? Int64(rawSnapshotsOffset) : 0
   }
 
   /// Reads the backing file name, which must lie in the first cluster after the header.

@@ -69,7 +69,7 @@ public final class QCOW2Reader: ImageReader {
     }
     warnings =
       header.isCorrupt
-      ? ["\(file.path): the image is marked corrupt (incompatible bit 1); reading it anyway, check the result"]
+      ? ["the image is marked corrupt (incompatible bit 1); reading it anyway, check the result"]
       : []
   }
 

@@ -46,6 +46,12 @@ public struct FormatRegistry {
     let length = formats.map(\.probeLength).max() ?? 0
     var header = [UInt8](repeating: 0, count: length)
     let n = try header.withUnsafeMutableBytes { try file.read(into: $0, at: 0) }
+    // An empty file carries no format at all; calling it a raw disk of 0 bytes would turn
+    // a failed download into an empty "successful" conversion.
+    if n == 0, length > 0, try file.size() == 0 {
+      throw ImageError.invalid(
+        path: file.path, "the file is empty (0 bytes), not an image; give -f raw to use it as an empty raw disk")
+    }
     header.removeLast(length - n)
     return formats.first { $0.probe(header) } ?? fallback
   }

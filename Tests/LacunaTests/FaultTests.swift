@@ -1,0 +1,229 @@
+import Foundation
+import XCTest
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// Writes that fail and processes that die: the destination gets a complete image or
+/// nothing, the temporary file goes away (except after SIGKILL, which nothing can catch),
+/// and the exit status says what happened.
+final class FaultTests: XCTestCase {
+  var work: URL!
+  var source: String!
+  var destinationDirectory: URL!
+
+  override func setUpWithError() throws {
+    work = try temporaryDirectory(self)
+    destinationDirectory = work.appendingPathComponent("out")
+    try FileManager.default.createDirectory(at: destinationDirectory, withIntermediateDirectories: true)
+    source = work.appendingPathComponent("src.img").path
+  }
+
+  func destination(_ name: String) -> String { destinationDirectory.appendingPathComponent(name).path }
+
+  /// A raw source of `mebibytes` of incompressible data, one hole every fourth MiB.
+  func makeSource(mebibytes: Int) throws {
+    let fd = open(source, O_CREAT | O_WRONLY | O_TRUNC, 0o644)
+    defer { close(fd) }
+    let block = patternBytes(1 << 20, seed: 66)
+    for index in 0..<mebibytes where index % 4 != 3 {
+      _ = block.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(index) << 20) }
+    }
+    XCTAssertEqual(ftruncate(fd, off_t(mebibytes) << 20), 0)
+  }
+
+  func assertRefusedCleanly(
+    _ outcome: Outcome, timedOut: Bool, mentioning fragment: String, file: StaticString = #filePath, line: UInt = #line
+  ) {
+    XCTAssertFalse(timedOut, "hung: \(outcome.stderr)", file: file, line: line)
+    XCTAssertNil(outcome.signal, "killed by signal \(outcome.signal ?? 0): \(outcome.stderr)", file: file, line: line)
+    XCTAssertEqual(outcome.status, 1, outcome.stderr, file: file, line: line)
+    XCTAssertEqual(outcome.stderr.split(separator: "\n").count, 1, outcome.stderr, file: file, line: line)
+    XCTAssertTrue(outcome.stderr.contains(fragment), "expected '\(fragment)': \(outcome.stderr)", file: file, line: line)
+    XCTAssertEqual(listing(destinationDirectory), [], "left behind", file: file, line: line)
+  }
+
+  // MARK: Writes that fail
+
+  /// `ulimit -f` makes a write past the limit fail with EFBIG (lacuna ignores SIGXFSZ).
+  func testFileSizeLimit() throws {
+    try makeSource(mebibytes: 8)
+    for arguments in [["-O", "raw"], ["-O", "qcow2"], ["-O", "qcow2", "-c"], ["-O", "raw", "-S", "0"]] {
+      // dash counts -f in 512-byte blocks: 2048 blocks is 1 MiB.
+      let (outcome, timedOut) = try runLacunaBounded(
+        ["convert"] + arguments + [source, destination("out.img")], seconds: 60, shellPrefix: "ulimit -f 2048; ")
+      print("ulimit -f, \(arguments.joined(separator: " ")): \(outcome.stderr)", terminator: "")
+      assertRefusedCleanly(outcome, timedOut: timedOut, mentioning: "File too large")
+      XCTAssertTrue(outcome.stderr.contains("out.img"), outcome.stderr)
+    }
+  }
+
+  /// A 2 MiB tmpfs fills up: ENOSPC. Needs root (or a user namespace); skipped otherwise.
+  func testFullFileSystem() throws {
+    let mountPoint = work.appendingPathComponent("small").path
+    try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+    let mount = try runProgram("/bin/mount", ["-t", "tmpfs", "-o", "size=2m", "tmpfs", mountPoint])
+    guard mount.status == 0 else {
+      throw XCTSkip("cannot mount a small tmpfs here (\(mount.stderr.trimmingCharacters(in: .whitespacesAndNewlines))); skipping the full-disk case")
+    }
+    addTeardownBlock { _ = try? runProgram("/bin/umount", ["-l", mountPoint]) }
+    destinationDirectory = URL(fileURLWithPath: mountPoint)
+    try makeSource(mebibytes: 8)
+    for arguments in [["-O", "raw"], ["-O", "qcow2"], ["-O", "raw", "-o", "preallocation=falloc"]] {
+      let (outcome, timedOut) = try runLacunaBounded(["convert"] + arguments + [source, destination("out.img")], seconds: 60)
+      print("2 MiB tmpfs, \(arguments.joined(separator: " ")): \(outcome.stderr)", terminator: "")
+      assertRefusedCleanly(outcome, timedOut: timedOut, mentioning: "No space left on device")
+    }
+    // A conversion that fits still works there.
+    try makeSource(mebibytes: 1)
+    let (fits, _) = try runLacunaBounded(["convert", "-O", "qcow2", source, destination("out.img")])
+    XCTAssertEqual(fits.status, 0, fits.stderr)
+    XCTAssertEqual(listing(destinationDirectory), ["out.img"])
+  }
+
+  /// fsync and close that fail (injected with LD_PRELOAD, for regular files opened for
+  /// writing only): a non-zero exit and no output.
+  func testFailingFsyncAndClose() throws {
+    let library = try faultInjectionLibrary()
+    try makeSource(mebibytes: 2)
+    for (fault, expected) in [("fsync", "fsync: Input/output error"), ("close", "close: Input/output error")] {
+      for format in ["raw", "qcow2"] {
+        let (outcome, timedOut) = try runLacunaBounded(
+          ["convert", "-O", format, source, destination("out.img")],
+          environment: ["LD_PRELOAD": library, "LACUNA_FAULT": fault])
+        print("failing \(fault), -O \(format): \(outcome.stderr)", terminator: "")
+        assertRefusedCleanly(outcome, timedOut: timedOut, mentioning: expected)
+      }
+    }
+    // The directory's fsync comes after the rename: the output is complete, but the exit
+    // status still says its durability is not known.
+    let (outcome, _) = try runLacunaBounded(
+      ["convert", "-O", "raw", source, destination("out.img")],
+      environment: ["LD_PRELOAD": library, "LACUNA_FAULT": "fsync-directory"])
+    print("failing directory fsync: \(outcome.stderr)", terminator: "")
+    XCTAssertEqual(outcome.status, 1, outcome.stderr)
+    XCTAssertTrue(outcome.stderr.contains("fsync the directory"), outcome.stderr)
+  }
+
+  /// A tiny preload library whose fsync or close fails with EIO when LACUNA_FAULT says so.
+  func faultInjectionLibrary() throws -> String {
+    guard let compiler = which("clang") ?? which("cc") ?? which("gcc") else {
+      throw XCTSkip("no C compiler to build the fault-injection library")
+    }
+    let sourcePath = work.appendingPathComponent("fault.c").path
+    let libraryPath = work.appendingPathComponent("libfault.so").path
+    try """
+      #define _GNU_SOURCE
+      #include <dlfcn.h>
+      #include <errno.h>
+      #include <fcntl.h>
+      #include <stdlib.h>
+      #include <string.h>
+      #include <sys/stat.h>
+
+      static int wants(const char *fault) {
+        const char *value = getenv("LACUNA_FAULT");
+        return value && strcmp(value, fault) == 0;
+      }
+
+      static int writable_regular_file(int fd) {
+        struct stat info;
+        int flags = fcntl(fd, F_GETFL);
+        return fstat(fd, &info) == 0 && S_ISREG(info.st_mode) && flags >= 0 && (flags & O_ACCMODE) != O_RDONLY;
+      }
+
+      int fsync(int fd) {
+        static int (*real)(int);
+        if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
+        struct stat info;
+        if (wants("fsync") && writable_regular_file(fd)) { errno = EIO; return -1; }
+        if (wants("fsync-directory") && fstat(fd, &info) == 0 && S_ISDIR(info.st_mode)) { errno = EIO; return -1; }
+        return real(fd);
+      }
+
+      int close(int fd) {
+        static int (*real)(int);
+        if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "close");
+        if (wants("close") && writable_regular_file(fd)) {
+          real(fd);  /* Linux frees the descriptor even when close reports an error. */
+          errno = EIO;
+          return -1;
+        }
+        return real(fd);
+      }
+      """.write(toFile: sourcePath, atomically: true, encoding: .utf8)
+    let build = try runProgram(compiler, ["-shared", "-fPIC", "-O1", "-o", libraryPath, sourcePath, "-ldl"])
+    guard build.status == 0 else { throw XCTSkip("cannot build the fault-injection library: \(build.stderr)") }
+    return libraryPath
+  }
+
+  // MARK: Signals
+
+  /// SIGTERM and SIGINT in the middle of a qcow2 conversion (the raw case is in
+  /// ConvertRawTests): the temporary file is removed, nothing appears at the destination.
+  func testInterruptedQcow2ConversionLeavesNothing() throws {
+    try makeSource(mebibytes: 96)
+    for signal in [SIGTERM, SIGINT] {
+      let process = Process()
+      process.executableURL = URL(fileURLWithPath: try lacunaBinary())
+      // Compressing incompressible data on one thread is slow: time to interrupt it.
+      process.arguments = ["convert", "-m", "1", "-c", "-O", "qcow2", source, destination("dst.qcow2")]
+      try process.run()
+      let deadline = Date().addingTimeInterval(20)
+      while !listing(destinationDirectory).contains(where: { $0.hasPrefix(".dst.qcow2.lacuna-") }) && Date() < deadline {
+        usleep(2000)
+      }
+      usleep(100_000)
+      kill(process.processIdentifier, signal)
+      process.waitUntilExit()
+      XCTAssertEqual(
+        process.terminationReason, .uncaughtSignal, "the conversion finished before the signal; the test needs a slower input")
+      XCTAssertEqual(listing(destinationDirectory), [], "signal \(signal) left files behind")
+    }
+  }
+
+  /// SIGKILL at random moments: nothing can clean up, but the destination's name only ever
+  /// holds a complete image, and a leftover is a dot-file named `.NAME.lacuna-XXXXXX`.
+  func testKilledAtRandomMomentsNeverLeavesAPartialImage() throws {
+    try makeSource(mebibytes: 24)
+    let expected = work.appendingPathComponent("expected.qcow2").path
+    let binary = try lacunaBinary()
+    // The time a whole conversion takes sets the range of the random delays.
+    let started = Date()
+    let full = try runProgram(binary, ["convert", "-m", "2", "-O", "qcow2", source, expected])
+    XCTAssertEqual(full.status, 0, full.stderr)
+    let duration = Date().timeIntervalSince(started)
+    let expectedBytes = try Data(contentsOf: URL(fileURLWithPath: expected))
+    var generator = SystemRandomNumberGenerator()
+    var completed = 0
+    var leftovers = 0
+    for run in 0..<50 {
+      let process = Process()
+      process.executableURL = URL(fileURLWithPath: binary)
+      process.arguments = ["convert", "-m", "2", "-O", "qcow2", source, destination("dst.qcow2")]
+      process.standardError = FileHandle.nullDevice
+      try process.run()
+      usleep(UInt32(Double.random(in: 0...(duration * 1.1), using: &generator) * 1_000_000))
+      kill(process.processIdentifier, SIGKILL)
+      process.waitUntilExit()
+      let names = listing(destinationDirectory)
+      for name in names where name != "dst.qcow2" {
+        XCTAssertTrue(
+          name.hasPrefix(".dst.qcow2.lacuna-") && name.count == ".dst.qcow2.lacuna-".count + 6,
+          "run \(run): unexpected leftover \(name)")
+        leftovers += 1
+      }
+      XCTAssertLessThanOrEqual(names.count, 1, "run \(run): \(names)")
+      if names.contains("dst.qcow2") {
+        completed += 1
+        // Output is byte-identical for any run, so a complete image equals the reference.
+        XCTAssertTrue(
+          try Data(contentsOf: URL(fileURLWithPath: destination("dst.qcow2"))) == expectedBytes,
+          "run \(run): the image at the destination's name is not complete")
+      }
+      for name in names { try FileManager.default.removeItem(atPath: destination(name)) }
+    }
+    print("SIGKILL at random moments (conversion \(String(format: "%.3f", duration)) s): 50 runs, \(completed) completed, \(leftovers) left a temporary file")
+  }
+}
