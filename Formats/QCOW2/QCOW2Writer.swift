@@ -253,16 +253,7 @@ public final class QCOW2Writer: PreparingImageWriter {
   static func looksIncompressible(_ cluster: UnsafeRawBufferPointer, codec: Codec) throws -> Bool {
     let sample = 4096
     guard cluster.count >= 4 * sample else { return false }
-    var counts = [Int](repeating: 0, count: 256)
-    counts.withUnsafeMutableBufferPointer { table in
-      for byte in cluster { table[Int(byte)] += 1 }
-    }
-    let total = Double(cluster.count)
-    var entropy = 0.0
-    for count in counts where count > 0 {
-      let p = Double(count) / total
-      entropy -= p * log2(p)
-    }
+    let entropy = byteEntropy(cluster)
     guard entropy > 7.9 else { return false }
     return try codec.compress(UnsafeRawBufferPointer(rebasing: cluster[0..<sample])) == nil
   }

@@ -28,6 +28,22 @@ int lacuna_make_temporary(char *template_path) {
   return mkostemp(template_path, O_CLOEXEC);
 }
 
+void lacuna_byte_histogram(const void *buffer, size_t length, uint64_t *counts) {
+  // Four tables so that runs of one byte value do not serialise on one counter.
+  uint32_t tables[4][256] = {{0}};
+  const unsigned char *p = buffer;
+  size_t i = 0;
+  for (; i + 4 <= length; i += 4) {
+    tables[0][p[i]]++;
+    tables[1][p[i + 1]]++;
+    tables[2][p[i + 2]]++;
+    tables[3][p[i + 3]]++;
+  }
+  for (; i < length; i++) tables[0][p[i]]++;
+  for (int v = 0; v < 256; v++)
+    counts[v] += (uint64_t)tables[0][v] + tables[1][v] + tables[2][v] + tables[3][v];
+}
+
 int lacuna_is_zero(const void *buffer, size_t length) {
   const unsigned char *p = buffer;
   // Check a head by hand so the memcmp below compares the buffer with itself shifted

@@ -1,4 +1,5 @@
 import CLacunaSys
+import Foundation
 
 /// True when every byte of `bytes` is zero. Uses a self-overlapping `memcmp`, which libc
 /// vectorises, so it runs at memory speed.
@@ -35,4 +36,20 @@ public func zeroRuns(
     position = blockEnd
   }
   return runs
+}
+
+/// The order-0 entropy of `bytes` in bits per byte: 8 for uniformly random data, lower the
+/// more some byte values dominate. A cheap hint that data will not compress. `bytes` must
+/// be shorter than 4 GiB.
+public func byteEntropy(_ bytes: UnsafeRawBufferPointer) -> Double {
+  guard let base = bytes.baseAddress, bytes.count > 0 else { return 0 }
+  var counts = [UInt64](repeating: 0, count: 256)
+  counts.withUnsafeMutableBufferPointer { lacuna_byte_histogram(base, bytes.count, $0.baseAddress!) }
+  let total = Double(bytes.count)
+  var entropy = 0.0
+  for count in counts where count > 0 {
+    let p = Double(count) / total
+    entropy -= p * log2(p)
+  }
+  return entropy
 }

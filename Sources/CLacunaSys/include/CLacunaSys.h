@@ -22,6 +22,9 @@ int lacuna_punch_hole(int fd, int64_t offset, int64_t length);
 /// mkostemp(template, O_CLOEXEC): create a new file from a XXXXXX template.
 int lacuna_make_temporary(char *template_path);
 
+/// Counts each byte value of `buffer` into `counts[256]` (which the caller zeroes).
+void lacuna_byte_histogram(const void *buffer, size_t length, uint64_t *counts);
+
 /// True when all `length` bytes at `buffer` are zero (vectorised by the compiler and libc).
 int lacuna_is_zero(const void *buffer, size_t length);
 
