@@ -77,7 +77,7 @@ final class InspectTests: XCTestCase {
     let version = try lacuna("--version")
     XCTAssertEqual(version.status, 0)
     XCTAssertFalse(version.stdout.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty)
-    for verb in ["convert", "info", "map"] {
+    for verb in ["convert", "create", "info", "map", "sparsify", "stream-receiver"] {
       let help = try lacuna(verb, "--help")
       XCTAssertEqual(help.status, 0, verb)
       XCTAssertTrue(help.stdout.contains("Examples:"), "\(verb) --help has examples")

@@ -315,6 +315,28 @@ final class QCOW2WriterEdgeTests: WriterTestCase {
     XCTAssertFalse(result.output.contains("Pattern verification failed"), result.output)
   }
 
+  /// The header is written last: until `finish()`, the temporary file holds data and tables
+  /// but no qcow2 magic, so a crash mid-way leaves nothing any tool would open as an image.
+  func testHeaderIsWrittenLast() throws {
+    let destination = path("order.qcow2")
+    let output = try OutputFile(creatingBeside: destination)
+    let writer = try QCOW2Writer.create(
+      output: output, virtualSize: 64 << 20, options: WriterOptions(options: ["cluster_size": "4k"]))
+    let data = [UInt8](repeating: 0x5a, count: 8192)
+    try data.withUnsafeBytes { try writer.write($0, at: 0) }
+    try data.withUnsafeBytes { try writer.write($0, at: 40 << 20) }  // the first L2 table goes out early
+    let before = try ImageFile.openForReading(output.temporaryPath)
+    XCTAssertGreaterThan(try before.size(), 8192, "data is already in the file")
+    var head = [UInt8](repeating: 0xff, count: 4)
+    _ = try head.withUnsafeMutableBytes { try before.read(into: $0, at: 0) }
+    XCTAssertEqual(head, [0, 0, 0, 0], "no magic before finish()")
+    try writer.finish()
+    let after = try ImageFile.openForReading(destination)
+    _ = try head.withUnsafeMutableBytes { try after.read(into: $0, at: 0) }
+    XCTAssertEqual(head, [0x51, 0x46, 0x49, 0xfb])
+    try assertClean(destination)
+  }
+
   /// lacuna's own reader reads back what the writer wrote, compressed or not.
   func testOwnReaderReadsItBack() throws {
     let source = try mixedSource()
