@@ -12,8 +12,6 @@ public struct ConvertOptions {
   public var unitSize: Int = 2 << 20
   /// How much of the virtual disk is mapped at a time.
   public var windowSize: Int64 = 1 << 30
-  /// Reads of the same layer separated by a hole no larger than this are done as one read.
-  public var readGapLimit: Int64 = 64 << 10
   /// Stop descending the chain at this layer: what the layers above leave unallocated
   /// is the output's backing file's business (`-B` naming a layer of the chain).
   public var stopDepth: Int?
