@@ -37,4 +37,14 @@ void lacuna_cleanup_unregister(int slot);
 /// Also ignores SIGPIPE and SIGXFSZ so that writes fail with EPIPE and EFBIG instead.
 void lacuna_install_signal_handlers(void);
 
+/// A background thread that writes an output file's dirty pages to disk while the file is
+/// still being written (flusher.c). NULL when the thread cannot be started, which only
+/// loses the overlap: the final fsync still writes everything.
+typedef struct lacuna_flusher lacuna_flusher;
+lacuna_flusher *lacuna_flusher_start(int fd);
+/// Stops and frees the thread (NULL is allowed). Returns 0, or the errno of a write error
+/// it saw: the kernel reports such an error once per descriptor, so the caller must treat
+/// it as the fsync's.
+int lacuna_flusher_stop(lacuna_flusher *flusher);
+
 #endif
