@@ -246,14 +246,18 @@ public final class QCOW2Writer: PreparingImageWriter {
   /// True for a cluster that is almost surely incompressible (random bytes, encrypted or
   /// already compressed data), so the full compression attempt, which fails anyway, is
   /// skipped: qemu spends most of a compressed conversion of such data failing to compress
-  /// it. Both must hold: the byte histogram is nearly flat (order-0 entropy above 7.9 bits
-  /// per byte), and the first 4 KiB do not shrink at all; a flat histogram alone would
-  /// also match data of repeating patterns, which compresses well. A pure function of the
-  /// cluster's bytes, so the output stays the same whatever the thread count.
+  /// it. Both must hold: the byte histogram of eight 1 KiB samples spread over the cluster
+  /// is nearly flat (order-0 entropy above 7.9 bits per byte; random samples of that size
+  /// measure about 7.98), and the first 4 KiB do not shrink at all; a flat histogram alone
+  /// would also match data of repeating patterns, which compresses well. Sampling, not the
+  /// whole cluster, because this runs on every cluster, compressible or not: the full
+  /// histogram took a tenth of a zstd conversion. A cluster with compressible stretches
+  /// between the samples may be stored uncompressed; the output is still exact. A pure
+  /// function of the cluster's bytes, so the output stays the same whatever the thread count.
   static func looksIncompressible(_ cluster: UnsafeRawBufferPointer, codec: Codec) throws -> Bool {
     let sample = 4096
     guard cluster.count >= 4 * sample else { return false }
-    let entropy = byteEntropy(cluster)
+    let entropy = byteEntropy(cluster, samples: 8, sampleSize: 1024)
     guard entropy > 7.9 else { return false }
     return try codec.compress(UnsafeRawBufferPointer(rebasing: cluster[0..<sample])) == nil
   }

@@ -42,13 +42,33 @@ public func zeroRuns(
 /// more some byte values dominate. A cheap hint that data will not compress. `bytes` must
 /// be shorter than 4 GiB.
 public func byteEntropy(_ bytes: UnsafeRawBufferPointer) -> Double {
-  guard let base = bytes.baseAddress, bytes.count > 0 else { return 0 }
+  byteEntropy(bytes, samples: 1, sampleSize: bytes.count)
+}
+
+/// The order-0 entropy of `samples` slices of `sampleSize` bytes spread evenly over `bytes`
+/// (the first at its start, the last at its end), or of all of `bytes` when they are no
+/// longer than the samples together. Eight 1 KiB samples read an eighth of a 64 KiB
+/// cluster; on random data they measure about 7.98 bits per byte instead of 8.
+public func byteEntropy(_ bytes: UnsafeRawBufferPointer, samples: Int, sampleSize: Int) -> Double {
+  guard let base = bytes.baseAddress, bytes.count > 0, samples > 0, sampleSize > 0 else { return 0 }
   var counts = [UInt64](repeating: 0, count: 256)
-  counts.withUnsafeMutableBufferPointer { lacuna_byte_histogram(base, bytes.count, $0.baseAddress!) }
-  let total = Double(bytes.count)
+  var total = 0
+  counts.withUnsafeMutableBufferPointer { table in
+    if samples * sampleSize >= bytes.count || samples == 1 {
+      lacuna_byte_histogram(base, bytes.count, table.baseAddress!)
+      total = bytes.count
+      return
+    }
+    let stride = (bytes.count - sampleSize) / (samples - 1)
+    for sample in 0..<samples {
+      lacuna_byte_histogram(base + sample * stride, sampleSize, table.baseAddress!)
+      total += sampleSize
+    }
+  }
+  let totalBytes = Double(total)
   var entropy = 0.0
   for count in counts where count > 0 {
-    let p = Double(count) / total
+    let p = Double(count) / totalBytes
     entropy -= p * log2(p)
   }
   return entropy

@@ -25,6 +25,27 @@ final class ExtentTests: XCTestCase {
     XCTAssertTrue(Extent(0..<10, .zero).canMerge(with: Extent(10..<20, .zero)))
   }
 
+  func testSampledEntropySeparatesRandomFromCompressibleData() {
+    var generator = SystemRandomNumberGenerator()
+    let random = (0..<65536).map { _ in UInt8.random(in: 0...255, using: &generator) }
+    let text = Array(String(repeating: "the block cluster sector image disk 0 1 2\n", count: 1600).utf8.prefix(65536))
+    // Random except for a zero stretch at the very end: the last sample ends there.
+    var randomThenZeros = random
+    for index in 64512..<65536 { randomThenZeros[index] = 0 }
+    func entropy(_ bytes: [UInt8]) -> Double {
+      bytes.withUnsafeBytes { byteEntropy($0, samples: 8, sampleSize: 1024) }
+    }
+    XCTAssertGreaterThan(entropy(random), 7.9)
+    XCTAssertLessThan(entropy(text), 5)
+    XCTAssertLessThan(entropy(randomThenZeros), 7.9)
+    // Short input: every byte counts, as in the unsampled form.
+    let short = Array(random.prefix(4096))
+    XCTAssertEqual(
+      short.withUnsafeBytes { byteEntropy($0, samples: 8, sampleSize: 1024) },
+      short.withUnsafeBytes { byteEntropy($0) })
+    XCTAssertEqual([UInt8]().withUnsafeBytes { byteEntropy($0, samples: 8, sampleSize: 1024) }, 0)
+  }
+
   func testIsAllZero() {
     for length in [0, 1, 15, 16, 17, 4096, 65537] {
       var bytes = [UInt8](repeating: 0, count: length)
