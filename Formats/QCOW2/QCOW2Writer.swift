@@ -171,12 +171,16 @@ public final class QCOW2Writer: PreparingImageWriter {
   }
 
   /// A unit after compression: each cluster that holds data, compressed or, when that does
-  /// not save anything, as its data bytes. Owns copies, so it outlives the engine's buffer.
+  /// not save anything, as its data bytes. Whole data clusters stored as they are point into
+  /// the engine's buffer (kept until `commit` returns); everything else is owned.
   final class CompressedUnit {
     enum Payload {
       case compressed([UInt8])
       /// The cluster's bytes and the parts of it (relative to the cluster) that hold data.
       case plain([UInt8], [Range<Int>])
+      /// A cluster wholly of data, stored as it is: it points into the engine's buffer,
+      /// which outlives `commit` as for `PlainUnit`, so random data is never copied.
+      case whole(UnsafeRawBufferPointer)
     }
     let end: Int64
     var clusters: [(index: Int64, payload: Payload)] = []
@@ -211,6 +215,20 @@ public final class QCOW2Writer: PreparingImageWriter {
         index += 1
       }
       cursor = clusterEnd
+      if parts.count == 1, parts[0] == 0..<size {
+        // All data: compress straight from the engine's buffer, no copy.
+        let start = Int(clusterStart - offset)
+        let whole = UnsafeRawBufferPointer(rebasing: bytes[start..<start + size])
+        let compressed = try codecs.withCodec { codec in
+          try QCOW2Writer.looksIncompressible(whole, codec: codec) ? nil : codec.compress(whole)
+        }
+        if let compressed, compressed.count < size {
+          unit.clusters.append((cluster, .compressed(compressed)))
+        } else {
+          unit.clusters.append((cluster, .whole(whole)))
+        }
+        continue
+      }
       scratch.withUnsafeMutableBytes { target in
         var position = 0
         for part in parts {
@@ -277,6 +295,9 @@ public final class QCOW2Writer: PreparingImageWriter {
         case .compressed(let data):
           let hostOffset = try placeCompressed(cluster, count: data.count)
           try pending.add(data, at: hostOffset, file: file)
+        case .whole(let data):
+          try pending.flush(file: file)
+          try writeData(data, at: cluster << Int64(clusterBits))
         case .plain(let data, let parts):
           try pending.flush(file: file)
           let start = cluster << Int64(clusterBits)
