@@ -219,14 +219,8 @@ public final class QCOW2Writer: PreparingImageWriter {
         // All data: compress straight from the engine's buffer, no copy.
         let start = Int(clusterStart - offset)
         let whole = UnsafeRawBufferPointer(rebasing: bytes[start..<start + size])
-        let compressed = try codecs.withCodec { codec in
-          try QCOW2Writer.looksIncompressible(whole, codec: codec) ? nil : codec.compress(whole)
-        }
-        if let compressed, compressed.count < size {
-          unit.clusters.append((cluster, .compressed(compressed)))
-        } else {
-          unit.clusters.append((cluster, .whole(whole)))
-        }
+        let compressed = try QCOW2Writer.compressed(whole, codecs: codecs)
+        unit.clusters.append((cluster, compressed.map { .compressed($0) } ?? .whole(whole)))
         continue
       }
       scratch.withUnsafeMutableBytes { target in
@@ -246,19 +240,20 @@ public final class QCOW2Writer: PreparingImageWriter {
             as: UInt8.self, repeating: 0, count: size - position)
         }
       }
-      // qemu's rule: keep the compressed form only when it is smaller than the cluster.
-      let compressed = try scratch.withUnsafeBytes { input in
-        try codecs.withCodec { codec in
-          try QCOW2Writer.looksIncompressible(input, codec: codec) ? nil : codec.compress(input)
-        }
-      }
-      if let compressed, compressed.count < size {
-        unit.clusters.append((cluster, .compressed(compressed)))
-      } else {
-        unit.clusters.append((cluster, .plain(scratch, parts)))
-      }
+      let compressed = try scratch.withUnsafeBytes { try QCOW2Writer.compressed($0, codecs: codecs) }
+      unit.clusters.append((cluster, compressed.map { .compressed($0) } ?? .plain(scratch, parts)))
     }
     return unit
+  }
+
+  /// The cluster compressed, or nil to store it as it is. qemu's rule: keep the compressed
+  /// form only when it is smaller than the cluster.
+  static func compressed(_ cluster: UnsafeRawBufferPointer, codecs: CodecPool) throws -> [UInt8]? {
+    let result = try codecs.withCodec { codec in
+      try looksIncompressible(cluster, codec: codec) ? nil : codec.compress(cluster)
+    }
+    guard let result, result.count < cluster.count else { return nil }
+    return result
   }
 
   /// True for a cluster that is almost surely incompressible (random bytes, encrypted or
