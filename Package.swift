@@ -20,7 +20,7 @@ let package = Package(
     .systemLibrary(
       name: "CZstd", path: "Sources/CZstd", providers: [.apt(["libzstd-dev"])]),
     .target(name: "DiskImage", dependencies: ["CLacunaSys"], path: "Sources/DiskImage"),
-    .target(name: "Compression", dependencies: ["CZlib", "CZstd"], path: "Sources/Compression"),
+    .target(name: "Compression", dependencies: ["DiskImage", "CZlib", "CZstd"], path: "Sources/Compression"),
     .target(name: "Raw", dependencies: ["DiskImage"], path: "Formats/Raw", exclude: ["README.md"]),
     .target(
       name: "QCOW2", dependencies: ["DiskImage", "Compression"], path: "Formats/QCOW2",

@@ -25,9 +25,9 @@ enum BitmapDirectory {
   }
 
   static func read(
-    _ bitmaps: QCOW2Header.BitmapsExtension, from file: ImageFile, clusterSize: Int, fileSize: Int64
+    _ bitmaps: QCOW2Header.BitmapsExtension, from file: ByteSource, clusterSize: Int, fileSize: Int64
   ) throws -> [Entry] {
-    func invalid(_ message: String) -> ImageError { .invalid(path: file.path, message) }
+    func invalid(_ message: String) -> ImageError { .invalid(path: file.name, message) }
     let offset = bitmaps.directoryOffset
     guard bitmaps.count >= 1, bitmaps.count <= maximumCount else {
       throw invalid("bitmaps extension lists \(bitmaps.count) bitmaps, expected 1 to \(maximumCount)")

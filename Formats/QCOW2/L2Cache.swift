@@ -1,27 +1,4 @@
-#if canImport(Glibc)
-  import Glibc
-#endif
-
-/// A mutual-exclusion lock over `pthread_mutex_t`, kept at a fixed address.
-final class Lock: @unchecked Sendable {
-  private let mutex: UnsafeMutablePointer<pthread_mutex_t>
-
-  init() {
-    mutex = .allocate(capacity: 1)
-    pthread_mutex_init(mutex, nil)
-  }
-
-  deinit {
-    pthread_mutex_destroy(mutex)
-    mutex.deallocate()
-  }
-
-  func withLock<T>(_ body: () throws -> T) rethrows -> T {
-    pthread_mutex_lock(mutex)
-    defer { pthread_mutex_unlock(mutex) }
-    return try body()
-  }
-}
+import DiskImage
 
 /// Decoded L2 tables by host offset, least recently used evicted first.
 ///

@@ -7,8 +7,9 @@ public enum QCOW2 {
 
   public static let format = ImageFormat(
     name: "qcow2", probeLength: 4, probe: { $0.starts(with: magic) },
-    open: { file in try QCOW2Reader(file: file) },
-    create: { output, size, options in
-      try QCOW2Writer.create(output: output, virtualSize: size, options: options)
+    capabilities: [.backingFile, .compression],
+    open: { source in try QCOW2Reader(source: source) },
+    create: { target, size, options in
+      try QCOW2Writer.create(target: target, virtualSize: size, options: options)
     })
 }

@@ -71,8 +71,8 @@ struct QCOW2Header {
   static let maximumClusterBits = 21
 
   /// Reads and checks the header of `file`, whose size is `fileSize`.
-  static func read(from file: ImageFile, fileSize: Int64) throws -> QCOW2Header {
-    let path = file.path
+  static func read(from file: ByteSource, fileSize: Int64) throws -> QCOW2Header {
+    let path = file.name
     func invalid(_ message: String) -> ImageError { .invalid(path: path, message) }
     func unsupported(_ message: String) -> ImageError { .unsupported(path: path, message) }
 

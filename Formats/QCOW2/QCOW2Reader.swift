@@ -8,7 +8,7 @@ import DiskImage
 /// Reads one qcow2 layer: the active L1 table, L2 tables through a bounded cache, and the
 /// clusters they point at. Answers for this layer alone; the engine reads the backing file.
 public final class QCOW2Reader: ImageReader {
-  public let file: ImageFile
+  public let source: ByteSource
   public var formatName: String { "qcow2" }
   public var virtualSize: Int64 { header.virtualSize }
   public let backing: BackingReference?
@@ -20,7 +20,7 @@ public final class QCOW2Reader: ImageReader {
   let fileSize: Int64
   private let l1Table: [UInt64]
   private let l2Cache: L2Cache
-  private let decompressors: DecompressorPool
+  private let decompressors: CodecPool
   private let bitmaps: [BitmapDirectory.Entry]
   /// Host ranges that hold metadata no L2 table or data cluster may point into.
   private let metadataRanges: [(range: Range<Int64>, name: String)]
@@ -28,21 +28,21 @@ public final class QCOW2Reader: ImageReader {
   /// How many L2 tables one `extents` call visits at most; callers loop for the rest.
   static let l2TablesPerAnswer = 16
 
-  public init(file: ImageFile) throws {
-    self.file = file
-    fileSize = try file.size()
-    header = try QCOW2Header.read(from: file, fileSize: fileSize)
+  public init(source: ByteSource) throws {
+    self.source = source
+    fileSize = try source.size()
+    header = try QCOW2Header.read(from: source, fileSize: fileSize)
     let clusterSize = Int64(header.clusterSize)
 
     var l1Table = [UInt64](repeating: 0, count: header.l1Size)
     if header.l1Size > 0 {
       let raw = BigEndianReader(
-        try file.readBytes(count: header.l1Size * 8, at: header.l1TableOffset, what: "L1 table"))
+        try source.readBytes(count: header.l1Size * 8, at: header.l1TableOffset, what: "L1 table"))
       for index in 0..<header.l1Size { l1Table[index] = raw.uint64(at: index * 8)! }
     }
     self.l1Table = l1Table
     l2Cache = L2Cache(tableBytes: header.clusterSize)
-    decompressors = DecompressorPool(type: header.compressionType)
+    decompressors = CodecPool(type: header.compressionType)
 
     func roundedUp(_ length: Int64) -> Int64 { (length + clusterSize - 1) / clusterSize * clusterSize }
     var metadata: [(range: Range<Int64>, name: String)] = [(0..<clusterSize, "the header")]
@@ -63,7 +63,7 @@ public final class QCOW2Reader: ImageReader {
     }
     if let extensionFields = header.bitmaps {
       bitmaps = try BitmapDirectory.read(
-        extensionFields, from: file, clusterSize: header.clusterSize, fileSize: fileSize)
+        extensionFields, from: source, clusterSize: header.clusterSize, fileSize: fileSize)
     } else {
       bitmaps = []
     }
@@ -250,7 +250,7 @@ public final class QCOW2Reader: ImageReader {
     try checkNotMetadata(offset..<offset + clusterSize) { "L2 table at \(hex(offset)) (L1 index \(l1Index))" }
     return try l2Cache.table(at: offset) {
       let raw = BigEndianReader(
-        try file.readBytes(count: header.clusterSize, at: offset, what: "L2 table (L1 index \(l1Index))"))
+        try source.readBytes(count: header.clusterSize, at: offset, what: "L2 table (L1 index \(l1Index))"))
       return (0..<header.clusterSize / 8).map { raw.uint64(at: $0 * 8)! }
     }
   }
@@ -337,7 +337,7 @@ public final class QCOW2Reader: ImageReader {
     func flush() throws {
       guard let run = pending else { return }
       pending = nil
-      try file.readExactly(
+      try source.readExactly(
         into: UnsafeMutableRawBufferPointer(rebasing: buffer[run.bufferStart..<run.bufferStart + run.length]),
         at: run.host, what: "data for virtual offset \(hex(offset + Int64(run.bufferStart)))")
     }
@@ -377,10 +377,15 @@ public final class QCOW2Reader: ImageReader {
   /// up to a sector past the end of the file for the last cluster; what exists is read.
   private func decompress(_ cluster: CompressedCluster, into output: UnsafeMutableRawBufferPointer) throws {
     let available = Int(min(Int64(cluster.storedLength), fileSize - cluster.hostOffset))
-    let input = try file.readBytes(
+    let input = try source.readBytes(
       count: available, at: cluster.hostOffset,
       what: "compressed cluster for virtual offset \(hex(cluster.virtualOffset))")
-    let codec = try decompressors.take(path: path)
+    let codec: Codec
+    do {
+      codec = try decompressors.take()
+    } catch {
+      throw ImageError.system(path: path, operation: "set up \(decompressors.type) decompression: \(error)", errno: ENOMEM)
+    }
     defer { decompressors.giveBack(codec) }
     do {
       try input.withUnsafeBytes { try codec.decompress($0, into: output) }
@@ -390,25 +395,4 @@ public final class QCOW2Reader: ImageReader {
         "compressed cluster for virtual offset \(hex(cluster.virtualOffset)) at host \(hex(cluster.hostOffset)) (\(cluster.storedLength) bytes) does not decompress: \(error)")
     }
   }
-}
-
-/// Decompression contexts shared by the threads that read one image: each call takes one
-/// and gives it back, so contexts are made once per concurrent reader, not once per cluster.
-final class DecompressorPool: @unchecked Sendable {
-  private let lock = Lock()
-  private var idle: [Codec] = []
-  let type: CompressionType
-
-  init(type: CompressionType) { self.type = type }
-
-  func take(path: String) throws -> Codec {
-    if let codec = lock.withLock({ idle.popLast() }) { return codec }
-    do {
-      return try makeCodec(type)
-    } catch {
-      throw ImageError.system(path: path, operation: "set up \(type) decompression: \(error)", errno: ENOMEM)
-    }
-  }
-
-  func giveBack(_ codec: Codec) { lock.withLock { idle.append(codec) } }
 }

@@ -17,8 +17,8 @@ import DiskImage
 ///   place. Until the header exists the file is not a qcow2 image at all, and it sits under
 ///   a temporary name besides, so a crash leaves nothing that could be mistaken for output.
 public final class QCOW2Writer: PreparingImageWriter {
-  let output: OutputFile
-  let file: ImageFile
+  let output: ByteTarget
+  let file: ByteTarget
   let settings: Settings
   let virtualSize: Int64
   /// The size the header records: qemu counts a disk in 512-byte sectors and drops a
@@ -78,12 +78,12 @@ public final class QCOW2Writer: PreparingImageWriter {
   ///   - options: `-o compat=, cluster_size=, refcount_bits=, preallocation=,
   ///     compression_type=, lazy_refcounts=`, the backing file to record, and `-c`.
   /// - Returns: the writer.
-  public static func create(output: OutputFile, virtualSize: Int64, options: WriterOptions) throws -> ImageWriter {
+  public static func create(target output: ByteTarget, virtualSize: Int64, options: WriterOptions) throws -> ImageWriter {
     try QCOW2Writer(output: output, virtualSize: virtualSize, options: options)
   }
 
-  init(output: OutputFile, virtualSize: Int64, options: WriterOptions) throws {
-    let path = output.path
+  init(output: ByteTarget, virtualSize: Int64, options: WriterOptions) throws {
+    let path = output.name
     let settings = try Settings(options, path: path)
     guard virtualSize >= 0 else {
       throw ImageError.usage(path: path, "virtual size \(virtualSize) is negative")
@@ -96,7 +96,7 @@ public final class QCOW2Writer: PreparingImageWriter {
       if backing.name.isEmpty { throw ImageError.usage(path: path, "backing file name is empty") }
     }
     self.output = output
-    self.file = output.file
+    self.file = output
     self.settings = settings
     self.virtualSize = virtualSize
     self.recordedSize = (virtualSize + 511) / 512 * 512
@@ -190,7 +190,7 @@ public final class QCOW2Writer: PreparingImageWriter {
   public func prepare(_ bytes: UnsafeRawBufferPointer, at offset: Int64, dataRanges: [Range<Int64>]) throws -> AnyObject {
     guard offset & Int64(clusterSize - 1) == 0 else {
       throw ImageError.invalid(
-        path: output.path, "internal: unit at \(hex(offset)) does not start on a \(clusterSize)-byte cluster boundary")
+        path: output.name, "internal: unit at \(hex(offset)) does not start on a \(clusterSize)-byte cluster boundary")
     }
     guard let codecs else { return PlainUnit(bytes: bytes, start: offset, dataRanges: dataRanges) }
     let unit = CompressedUnit(end: offset + Int64(bytes.count))
@@ -366,7 +366,7 @@ public final class QCOW2Writer: PreparingImageWriter {
     let current = try entry(cluster)
     if current & Self.compressedFlag != 0 {
       throw ImageError.invalid(
-        path: output.path, "virtual offset \(hex(cluster << Int64(clusterBits))) written after its cluster was stored compressed")
+        path: output.name, "virtual offset \(hex(cluster << Int64(clusterBits))) written after its cluster was stored compressed")
     }
     let existing = current & Self.offsetMask
     if existing != 0 { return Int64(existing) }
@@ -380,7 +380,7 @@ public final class QCOW2Writer: PreparingImageWriter {
   private func writeData(_ bytes: UnsafeRawBufferPointer, at offset: Int64) throws {
     guard offset >= 0, offset + Int64(bytes.count) <= virtualSize else {
       throw ImageError.invalid(
-        path: output.path,
+        path: output.name,
         "write of \(bytes.count) bytes at \(hex(offset)) is outside the virtual disk (size \(virtualSize))")
     }
     var pendingHost: Int64 = 0
@@ -462,7 +462,7 @@ public final class QCOW2Writer: PreparingImageWriter {
 
     guard try entry(cluster) & ~Self.zeroFlag == 0 else {
       throw ImageError.invalid(
-        path: output.path, "virtual offset \(hex(cluster << bits)) stored twice (compressed after data)")
+        path: output.name, "virtual offset \(hex(cluster << bits)) stored twice (compressed after data)")
     }
     let sectors = UInt64((hostOffset + Int64(count) - 1) / 512 - hostOffset / 512)
     let shift = UInt64(62 - (clusterBits - 8))
@@ -475,13 +475,13 @@ public final class QCOW2Writer: PreparingImageWriter {
     var bytes: [UInt8] = []
     var offset: Int64 = 0
 
-    mutating func add(_ data: [UInt8], at hostOffset: Int64, file: ImageFile) throws {
+    mutating func add(_ data: [UInt8], at hostOffset: Int64, file: ByteTarget) throws {
       if !bytes.isEmpty && offset + Int64(bytes.count) != hostOffset { try flush(file: file) }
       if bytes.isEmpty { offset = hostOffset }
       bytes.append(contentsOf: data)
     }
 
-    mutating func flush(file: ImageFile) throws {
+    mutating func flush(file: ByteTarget) throws {
       guard !bytes.isEmpty else { return }
       try bytes.withUnsafeBytes { try file.write($0, at: offset) }
       bytes.removeAll(keepingCapacity: true)

@@ -160,7 +160,7 @@ extension QCOW2Writer {
     }
     guard header.bytes.count <= clusterSize else {
       throw ImageError.usage(
-        path: output.path,
+        path: output.name,
         "the header with its backing file name takes \(header.bytes.count) bytes, more than one \(clusterSize)-byte cluster (use a larger cluster_size)")
     }
     return header.bytes

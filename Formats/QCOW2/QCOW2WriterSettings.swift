@@ -36,7 +36,7 @@ extension QCOW2Writer {
       }
 
       if let text = values["cluster_size"] {
-        guard let size = Self.parseSize(text) else {
+        guard let size = parseByteSize(text).flatMap({ Int(exactly: $0) }) else {
           throw usage("cluster_size '\(text)' is not a size (a number, optionally with k or M)")
         }
         guard size >= 512, size <= 2 << 20, size & (size - 1) == 0 else {
@@ -94,21 +94,5 @@ extension QCOW2Writer {
     }
 
     init() {}
-
-    /// "65536", "64k", "64K", "2M", "512b": bytes, or nil when the text is not a size.
-    static func parseSize(_ text: String) -> Int? {
-      var digits = Substring(text)
-      var multiplier = 1
-      switch digits.last {
-      case "k", "K": multiplier = 1 << 10
-      case "m", "M": multiplier = 1 << 20
-      case "b", "B": multiplier = 1
-      default: break
-      }
-      if multiplier != 1 || digits.last == "b" || digits.last == "B" { digits = digits.dropLast() }
-      guard !digits.isEmpty, digits.allSatisfy(\.isASCII), let value = Int(digits), value >= 0 else { return nil }
-      let (product, overflow) = value.multipliedReportingOverflow(by: multiplier)
-      return overflow ? nil : product
-    }
   }
 }

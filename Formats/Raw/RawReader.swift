@@ -4,20 +4,20 @@ import DiskImage
 /// once over each range asked about, so the cost is two `lseek` calls per data extent, not
 /// per block. A raw file has no backing, so holes answer `zero`, never `unallocated`.
 public final class RawReader: ImageReader {
-  public let file: ImageFile
+  public let source: ByteSource
   public let virtualSize: Int64
   public var formatName: String { "raw" }
   public var backing: BackingReference? { nil }
 
-  public init(file: ImageFile) throws {
-    self.file = file
-    self.virtualSize = try file.size()
+  public init(source: ByteSource) throws {
+    self.source = source
+    self.virtualSize = try source.size()
   }
 
   public func extents(in range: Range<Int64>) throws -> [Extent] {
     let range = range.clamped(to: 0..<virtualSize)
     guard !range.isEmpty else { return [] }
-    guard let data = try file.dataRanges(in: range) else {
+    guard let data = try source.dataRanges(in: range) else {
       return [Extent(range, .data, hostOffset: range.lowerBound)]
     }
     var result: [Extent] = []
@@ -37,6 +37,6 @@ public final class RawReader: ImageReader {
   }
 
   public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws {
-    try file.readExactly(into: buffer, at: offset, what: "data")
+    try source.readExactly(into: buffer, at: offset, what: "data")
   }
 }

@@ -6,9 +6,9 @@ import DiskImage
 /// damaged stream is detected. The byte layout is in README.md beside this file.
 ///
 /// A stream is sequential: it is written by `SparseStreamWriter` (any `ImageWriter`
-/// consumer, such as the conversion engine, can drive it) and read by `StreamReceiver`,
-/// which feeds any `ImageWriter` as it reads. It is not an `ImageReader`: the random-access
-/// interface would need the whole stream first.
+/// consumer, such as the conversion engine, can drive it) and read by `StreamReceiver`, a
+/// `SequentialImageReader` whose pieces the engine takes in order. It is not an
+/// `ImageReader`: the random-access interface would need the whole stream first.
 public enum SparseStream {
   /// The first line of every stream: the magic, a space, the version, a newline.
   public static let magicLine: [UInt8] = Array("LACUNA-STREAM 1\n".utf8)
@@ -17,17 +17,14 @@ public enum SparseStream {
   /// The version this code reads and writes.
   public static let version = 1
 
-  /// The stream format for the registry. It probes by its magic line; opening it as a
-  /// random-access image is refused with a message pointing to `convert`, the only verb
-  /// that reads a stream (from start to end).
+  /// The stream format for the registry. It probes by its magic line, is read from start
+  /// to end only (the engine takes it as a sequential source), and is written in order, so
+  /// it may go to a pipe.
   public static let format = ImageFormat(
     name: "stream", probeLength: magicPrefix.count, probe: { $0.starts(with: magicPrefix) },
-    open: { file in
-      throw ImageError.usage(
-        path: file.path,
-        "is a lacuna stream, which is read from start to end: use `lacuna convert -f stream \(file.path) OUTPUT`")
-    },
-    create: { output, size, options in try SparseStreamWriter(output: output, virtualSize: size, options: options) })
+    capabilities: [.sequentialOutput],
+    openSequential: { input in try StreamReceiver(input: input) },
+    create: { target, size, options in try SparseStreamWriter(output: target, virtualSize: size, options: options) })
 
   /// True when `header` (the first bytes of a file) is a stream of any version.
   public static func isStream(_ header: [UInt8]) -> Bool { header.starts(with: magicPrefix) }

@@ -1,9 +1,5 @@
 import DiskImage
 
-#if canImport(Glibc)
-  import Glibc
-#endif
-
 /// Writes a sparse stream. The engine's calls map onto records directly: `write` becomes
 /// DATA (adjacent writes coalesced, up to `maxDataRecord` bytes a record), `writeZeroes`
 /// becomes ZERO (adjacent ones merged). Nothing seeks: the output may be a pipe.
@@ -16,9 +12,7 @@ public final class SparseStreamWriter: ImageWriter {
   /// The most data one DATA record carries from this writer (readers take any size).
   public static let maxDataRecord = 4 << 20
 
-  private let output: OutputFile
-  private let descriptor: Int32
-  private let name: String
+  private let output: ByteTarget
   private let virtualSize: Int64
   private var checksum = DiskChecksum()
   /// The disk offset the next call must start at.
@@ -35,20 +29,18 @@ public final class SparseStreamWriter: ImageWriter {
 
   public var granularity: Int { 1 }
 
-  /// Makes a writer for `output` (a temporary file, or standard output) and stages the
-  /// stream's first two lines.
-  public init(output: OutputFile, virtualSize: Int64, options: WriterOptions) throws {
-    try options.checkKnown([], format: "stream", path: output.path)
+  /// Makes a writer for `output` (a temporary file, or standard output: it only appends)
+  /// and stages the stream's first two lines.
+  public init(output: ByteTarget, virtualSize: Int64, options: WriterOptions) throws {
+    try options.checkKnown([], format: "stream", path: output.name)
     if options.backing != nil {
-      throw ImageError.usage(path: output.path, "a stream cannot record a backing file (it carries the flattened disk)")
+      throw ImageError.usage(path: output.name, "a stream cannot record a backing file (it carries the flattened disk)")
     }
     if options.compress {
-      throw ImageError.usage(path: output.path, "lacuna does not compress a stream (pipe it through zstd or gzip)")
+      throw ImageError.usage(path: output.name, "lacuna does not compress a stream (pipe it through zstd or gzip)")
     }
-    guard virtualSize >= 0 else { throw ImageError.usage(path: output.path, "virtual size \(virtualSize) is negative") }
+    guard virtualSize >= 0 else { throw ImageError.usage(path: output.name, "virtual size \(virtualSize) is negative") }
     self.output = output
-    self.descriptor = output.file.descriptor
-    self.name = output.file.path
     self.virtualSize = virtualSize
     staging = UnsafeMutableRawBufferPointer.allocate(
       byteCount: Self.maxDataRecord + 64 * StreamRecord.headerLength, alignment: 4096)
@@ -100,7 +92,7 @@ public final class SparseStreamWriter: ImageWriter {
   public func finish() throws {
     guard position == virtualSize else {
       throw ImageError.invalid(
-        path: output.path, "internal: the stream covers \(position) of \(virtualSize) bytes at its end")
+        path: output.name, "internal: the stream covers \(position) of \(virtualSize) bytes at its end")
     }
     closeDataRecord()
     try closeZeroRun()
@@ -118,7 +110,7 @@ public final class SparseStreamWriter: ImageWriter {
   private func expect(_ offset: Int64, count: Int64) throws {
     guard offset == position, count <= virtualSize - position else {
       throw ImageError.invalid(
-        path: output.path,
+        path: output.name,
         "internal: the stream is at disk offset \(hex(position)), got \(count) bytes at \(hex(offset)) (disk size \(virtualSize))")
     }
   }
@@ -137,24 +129,11 @@ public final class SparseStreamWriter: ImageWriter {
     pendingZeros = 0
   }
 
-  /// Closes the open DATA record (the next write opens another) and writes the staging
-  /// buffer out with `write(2)`, retrying short writes and EINTR.
+  /// Closes the open DATA record (the next write opens another) and appends the staging
+  /// buffer to the output.
   private func flush() throws {
     closeDataRecord()
-    var done = 0
-    while done < staged {
-      let n = Glibc.write(descriptor, staging.baseAddress! + done, staged - done)
-      if n < 0 {
-        if errno == EINTR { continue }
-        let code = errno
-        throw ImageError.system(
-          path: name,
-          operation: "write \(staged - done) bytes of the stream at stream offset \(bytesSent + Int64(done))"
-            + (code == EPIPE ? " (the reading end of the pipe has closed)" : ""),
-          errno: code)
-      }
-      done += n
-    }
+    try output.write(UnsafeRawBufferPointer(rebasing: staging[0..<staged]), at: bytesSent)
     bytesSent += Int64(staged)
     staged = 0
   }

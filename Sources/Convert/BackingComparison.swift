@@ -9,7 +9,7 @@ extension Converter {
   /// the base (it reads zero there too).
   static func comparePlan(
     source: Chain, base: Chain, range: Range<Int64>, granularity: Int64
-  ) throws -> [LayeredExtent] {
+  ) throws -> [Segment] {
     var interesting: [Range<Int64>] = []
     func add(_ extents: [LayeredExtent]) {
       for extent in extents where extent.kind == .data {
@@ -22,25 +22,14 @@ extension Converter {
     let baseRange = range.clamped(to: 0..<base.virtualSize)
     if !baseRange.isEmpty { add(try base.extents(in: baseRange)) }
     interesting.sort { $0.lowerBound < $1.lowerBound }
-    var plan: [LayeredExtent] = []
+    var plan: [Segment] = []
     var position = range.lowerBound
-    func append(_ piece: Range<Int64>, compare: Bool) {
-      guard !piece.isEmpty else { return }
-      if let last = plan.last, (last.kind == .data) == compare, last.range.upperBound == piece.lowerBound {
-        plan[plan.count - 1].range = last.range.lowerBound..<piece.upperBound
-      } else {
-        plan.append(
-          LayeredExtent(
-            range: piece, kind: compare ? .data : .unallocated, present: compare,
-            depth: compare ? compareDepth : 0, hostOffset: nil))
-      }
-    }
     for piece in interesting where piece.upperBound > position {
-      append(position..<max(position, piece.lowerBound), compare: false)
-      append(max(position, piece.lowerBound)..<piece.upperBound, compare: true)
+      plan.appendMerging(Segment(range: position..<max(position, piece.lowerBound), source: .backing))
+      plan.appendMerging(Segment(range: max(position, piece.lowerBound)..<piece.upperBound, source: .compare))
       position = piece.upperBound
     }
-    append(position..<range.upperBound, compare: false)
+    plan.appendMerging(Segment(range: position..<range.upperBound, source: .backing))
     return plan
   }
 

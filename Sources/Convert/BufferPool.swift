@@ -1,10 +1,10 @@
-import Foundation
+import DiskImage
 
 /// Unit buffers kept for reuse. A fresh 2 MiB allocation is a fresh mapping whose pages
 /// the kernel must fault in and clear on first touch; reusing buffers took a fifth of a
 /// raw-to-raw conversion's time off (measured with perf on a 16 GiB sparse raw).
 final class BufferPool: @unchecked Sendable {
-  private let lock = NSLock()
+  private let lock = Lock()
   private var free: [UnsafeMutableRawBufferPointer] = []
   let size: Int
   private let limit: Int
@@ -22,19 +22,15 @@ final class BufferPool: @unchecked Sendable {
   /// A buffer of at least `count` bytes (exactly `size` when `count` fits).
   func take(_ count: Int) -> UnsafeMutableRawBufferPointer {
     guard count <= size else { return .allocate(byteCount: count, alignment: 4096) }
-    lock.lock()
-    defer { lock.unlock() }
-    return free.popLast() ?? .allocate(byteCount: size, alignment: 4096)
+    return lock.withLock { free.popLast() } ?? .allocate(byteCount: size, alignment: 4096)
   }
 
   func give(_ buffer: UnsafeMutableRawBufferPointer) {
-    lock.lock()
-    if buffer.count == size && free.count < limit {
+    let kept = lock.withLock {
+      guard buffer.count == size && free.count < limit else { return false }
       free.append(buffer)
-      lock.unlock()
-    } else {
-      lock.unlock()
-      buffer.deallocate()
+      return true
     }
+    if !kept { buffer.deallocate() }
   }
 }

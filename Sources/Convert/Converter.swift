@@ -1,6 +1,19 @@
 import DiskImage
 import Foundation
 
+/// What the output's backing file is, as the engine sees it (`-B`).
+public enum OutputBacking {
+  /// No backing file: the output holds the whole disk.
+  case none
+  /// The backing file is this layer of the source's chain: what the layers above it leave
+  /// unallocated is the backing file's business.
+  case chainLayer(Int)
+  /// The backing file is not a layer of the source: it is read as this chain, and clusters
+  /// where the source reads the same as it are left to it; the rest is stored (as zero
+  /// clusters where the source reads zero).
+  case compared(Chain)
+}
+
 /// How a conversion runs.
 public struct ConvertOptions {
   /// Worker threads that read, detect zeros and compress (`-m`).
@@ -12,13 +25,8 @@ public struct ConvertOptions {
   public var unitSize: Int = 2 << 20
   /// How much of the virtual disk is mapped at a time.
   public var windowSize: Int64 = 1 << 30
-  /// Stop descending the chain at this layer: what the layers above leave unallocated
-  /// is the output's backing file's business (`-B` naming a layer of the chain).
-  public var stopDepth: Int?
-  /// `-B` naming a file that is not a layer of the source: the output's backing file, read
-  /// as a chain. Clusters where the source reads the same as it are left to it; the rest
-  /// is stored (as zero clusters where the source reads zero).
-  public var compareBase: Chain?
+  /// The output's backing file (`-B`).
+  public var backing: OutputBacking = .none
   /// Called with (bytes done, bytes total) as the work proceeds, from the writing thread.
   public var progress: ((Int64, Int64) -> Void)?
 
@@ -28,7 +36,7 @@ public struct ConvertOptions {
 /// What a conversion did, for the summary line.
 public struct ConvertStatistics: Equatable {
   public var virtualSize: Int64 = 0
-  /// Bytes read from the layers of the source.
+  /// Bytes read from the layers of the source (for a sequential source: its data bytes).
   public var bytesRead: Int64 = 0
   /// Bytes handed to the writer as data.
   public var bytesWritten: Int64 = 0
@@ -36,42 +44,88 @@ public struct ConvertStatistics: Equatable {
   public var zeroBytesSkipped: Int64 = 0
   /// Bytes the map said were holes or zeros: never read.
   public var holeBytes: Int64 = 0
+  /// Bytes the map said were zeros and were written as data all the same (`-S 0`).
+  public var holeBytesWritten: Int64 = 0
   /// Bytes left to the output's backing file.
   public var backingBytes: Int64 = 0
+  /// For a sequential source: the bytes of input it consumed, headers included.
+  public var sourceBytes: Int64?
 }
 
-/// The engine: maps the source chain window by window, reads only what is data, drops
-/// zero blocks, and hands the writer runs of data and zeros in virtual-disk order.
+/// Where a conversion's disk comes from.
+public enum ConversionInput {
+  /// Images read at any offset, layer by layer.
+  case chain(Chain)
+  /// An image read from start to end (a stream from a pipe).
+  case sequential(SequentialImageReader)
+
+  public var virtualSize: Int64 {
+    switch self {
+    case .chain(let chain): return chain.virtualSize
+    case .sequential(let reader): return reader.virtualSize
+    }
+  }
+
+  /// The name of the image the user named (or "standard input").
+  public var name: String {
+    switch self {
+    case .chain(let chain): return chain.top.path
+    case .sequential(let reader): return reader.name
+    }
+  }
+}
+
+/// The engine: takes the source's map window by window (or a sequential source's pieces
+/// as they come), reads only what is data, drops zero blocks, and hands the writer runs of
+/// data and zeros in virtual-disk order. Worker threads read, detect zeros and prepare
+/// (compress); one thread writes, in order, so the output is the same bytes whatever the
+/// thread count.
 public final class Converter {
-  let chain: Chain
+  let input: ConversionInput
   let writer: ImageWriter
   let options: ConvertOptions
 
-  public init(chain: Chain, writer: ImageWriter, options: ConvertOptions = ConvertOptions()) {
-    self.chain = chain
+  public init(input: ConversionInput, writer: ImageWriter, options: ConvertOptions = ConvertOptions()) {
+    self.input = input
     self.writer = writer
     self.options = options
   }
 
-  /// A piece of a work unit: where its bytes come from.
-  enum Source: Equatable {
-    case layer(Int)  // read from this layer of the chain
-    case zero  // reads as zero; the writer must make it so
-    case backing  // left to the output's backing file
-    case chain  // read through the whole chain (backing content the writer must store)
-    case compare  // read through the chain, keep only granules that differ from `compareBase`
+  public convenience init(chain: Chain, writer: ImageWriter, options: ConvertOptions = ConvertOptions()) {
+    self.init(input: .chain(chain), writer: writer, options: options)
   }
 
-  /// The depth that marks ranges to compare with `compareBase` in a plan's extents.
-  static let compareDepth = -2
+  /// A piece of a work unit: where its bytes come from.
+  enum Source: Equatable {
+    /// Read from this layer of the chain.
+    case layer(Int)
+    /// Reads as zero; the writer must make it so.
+    case zero
+    /// Reads as zero, and is written as data all the same (`-S 0`).
+    case zeroFilled
+    /// Left to the output's backing file.
+    case backing
+    /// Read through the whole chain (backing content the writer must store).
+    case chain
+    /// Read through the chain; only granules that differ from the compared base are kept.
+    case compare
+    /// Already in the unit's buffer: a sequential source's data.
+    case received
 
-  struct Segment {
+    /// Whether the unit's buffer must hold bytes for it.
+    var hasData: Bool { self != .zero && self != .backing }
+  }
+
+  struct Segment: RangeRun {
     var range: Range<Int64>
     var source: Source
+    func canMerge(with next: Segment) -> Bool {
+      source == next.source && range.upperBound == next.range.lowerBound
+    }
   }
 
   /// One step for the writer, in disk order: runs to pass on as they are, or a unit whose
-  /// data a worker must read first.
+  /// data a worker must read (or scan) first.
   enum Item {
     case runs([Run])
     case unit([Segment])
@@ -79,11 +133,24 @@ public final class Converter {
 
   enum RunKind { case data, zero, backing }
 
-  struct Run {
+  struct Run: RangeRun {
     var range: Range<Int64>
     var kind: RunKind
     /// For zero runs: found by scanning data that was read (not a hole in the map).
     var scanned = false
+    /// For data runs: zeros of the map written as data (`-S 0`).
+    var filled = false
+
+    func canMerge(with next: Run) -> Bool {
+      kind == next.kind && scanned == next.scanned && filled == next.filled
+        && range.upperBound == next.range.lowerBound
+    }
+  }
+
+  /// A unit for a worker: its segments, and its buffer when the bytes are already there.
+  struct Job {
+    var segments: [Segment]
+    var buffer: UnsafeMutableRawBufferPointer?
   }
 
   /// A unit after a worker read it: the bytes and how they split into data and zeros.
@@ -113,11 +180,16 @@ public final class Converter {
     deinit { pool.give(buffer) }
   }
 
-  /// Runs the conversion, then `writer.finish()`. On any error, `writer.abandon()`.
+  /// Runs the conversion, then checks a sequential source's end, then `writer.finish()`.
+  /// On any error, `writer.abandon()`.
   @discardableResult
   public func run() throws -> ConvertStatistics {
     do {
-      let statistics = try convert()
+      var statistics = try convert()
+      if case .sequential(let reader) = input {
+        try reader.finish()
+        statistics.sourceBytes = reader.bytesConsumed
+      }
       try writer.finish()
       return statistics
     } catch {
@@ -128,23 +200,31 @@ public final class Converter {
 
   private func convert() throws -> ConvertStatistics {
     var statistics = ConvertStatistics()
-    let total = chain.virtualSize
+    let total = input.virtualSize
     statistics.virtualSize = total
     let granularity = Int64(max(writer.granularity, 1))
-    let unit = (Int64(options.unitSize) + granularity - 1) / granularity * granularity
-    let window = max(options.windowSize / unit, 1) * unit
     let sparseSize = options.sparseSize
+    var unit = (Int64(max(options.unitSize, 1)) + granularity - 1) / granularity * granularity
+    // Units that are a whole number of zero blocks judge every block whole; when the two
+    // sizes have no small common multiple, a block cut by a unit boundary is judged in parts.
+    if sparseSize > 0 {
+      let common = unit / gcd(unit, Int64(sparseSize)) * Int64(sparseSize)
+      if common <= 32 << 20 { unit = common }
+    }
+    let window = max(options.windowSize / unit, 1) * unit
 
     // Units in the pipeline, results waiting, and one per worker being filled. Four units
     // per worker may be in flight: results are taken in disk order, and with only two a
     // worker that finished quick units (random clusters skip compression) sat idle behind
     // one still compressing text (zstd conversion of W1: 10% faster with four).
     let pool = BufferPool(size: Int(unit), limit: options.threads * 5 + 2)
-    let pipeline = OrderedPipeline<[Segment], FilledUnit>(
+    let chain: Chain? = if case .chain(let chain) = input { chain } else { nil }
+    let base: Chain? = if case .compared(let base) = options.backing { base } else { nil }
+    let pipeline = OrderedPipeline<Job, FilledUnit>(
       threads: options.threads, capacity: options.threads * 4
-    ) { [chain, writer, compareBase = options.compareBase] segments in
+    ) { [writer] job in
       let filled = try Converter.fill(
-        segments, chain: chain, sparseSize: sparseSize, pool: pool, base: compareBase, granularity: granularity)
+        job, chain: chain, sparseSize: sparseSize, pool: pool, base: base, granularity: granularity)
       if let preparing = writer as? PreparingImageWriter {
         filled.prepared = try preparing.prepare(
           UnsafeRawBufferPointer(rebasing: filled.buffer[0..<filled.length]), at: filled.start,
@@ -164,14 +244,12 @@ public final class Converter {
         switch run.kind {
         case .data:
           let unit = filled!
-          if unit.prepared != nil {
-            statistics.bytesWritten += Int64(run.range.count)
-            break
-          }
+          statistics.bytesWritten += Int64(run.range.count)
+          if run.filled { statistics.holeBytesWritten += Int64(run.range.count) }
+          if unit.prepared != nil { break }
           let slice = UnsafeRawBufferPointer(
             rebasing: unit.buffer[Int(run.range.lowerBound - unit.start)..<Int(run.range.upperBound - unit.start)])
           try writer.write(slice, at: run.range.lowerBound)
-          statistics.bytesWritten += Int64(run.range.count)
         case .zero:
           try writer.writeZeroes(run.range)
           if run.scanned { statistics.zeroBytesSkipped += Int64(run.range.count) } else {
@@ -202,48 +280,131 @@ public final class Converter {
       }
     }
 
-    var windowStart: Int64 = 0
-    while windowStart < total {
-      let windowEnd = min(total, windowStart + window)
-      let extents =
-        if let base = options.compareBase {
-          try Converter.comparePlan(
-            source: chain, base: base, range: windowStart..<windowEnd, granularity: granularity)
-        } else {
-          try chain.extents(in: windowStart..<windowEnd, stopDepth: options.stopDepth)
-        }
-      for item in Converter.items(
-        extents, unit: unit, granularity: granularity, writeZeroBlocks: sparseSize == 0)
-      {
-        if case .unit(let segments) = item {
-          while pipeline.isFull { try drainOne() }
-          pipeline.submit(segments)
-        }
-        waiting.append(item)
-        while waiting.count - waitingHead > 4096 { try drainOne() }
+    /// Queues a step for the writer; a unit goes to the workers first.
+    func enqueue(_ item: Item, buffer: UnsafeMutableRawBufferPointer? = nil) throws {
+      if case .unit(let segments) = item {
+        while pipeline.isFull { try drainOne() }
+        pipeline.submit(Job(segments: segments, buffer: buffer))
       }
-      windowStart = windowEnd
+      waiting.append(item)
+      while waiting.count - waitingHead > 4096 { try drainOne() }
+    }
+
+    switch input {
+    case .chain(let chain):
+      var windowStart: Int64 = 0
+      while windowStart < total {
+        let windowEnd = min(total, windowStart + window)
+        let segments: [Segment]
+        switch options.backing {
+        case .compared(let base):
+          segments = try Converter.comparePlan(
+            source: chain, base: base, range: windowStart..<windowEnd, granularity: granularity)
+        case .chainLayer(let depth):
+          segments = Converter.plan(
+            try chain.extents(in: windowStart..<windowEnd, stopDepth: depth), writeZeroBlocks: sparseSize == 0)
+        case .none:
+          segments = Converter.plan(try chain.extents(in: windowStart..<windowEnd), writeZeroBlocks: sparseSize == 0)
+        }
+        for item in Converter.items(segments, unit: unit, granularity: granularity) { try enqueue(item) }
+        windowStart = windowEnd
+      }
+    case .sequential(let reader):
+      try Converter.takePieces(
+        of: reader, unit: unit, sparseSize: sparseSize, pool: pool, enqueue: enqueue)
     }
     while waitingHead < waiting.count { try drainOne() }
     return statistics
   }
 
-  /// Cuts a window's extents into writer steps: each unit-sized, unit-aligned chunk of the
+  /// Takes a sequential source's pieces in order and cuts them into units, as `items` cuts
+  /// a map: a unit's data is read into its buffer here (the source can only be read in
+  /// order, on one thread), and the workers scan and prepare it. Zeros spanning whole
+  /// units pass straight to the writer as one run.
+  static func takePieces(
+    of reader: SequentialImageReader, unit: Int64, sparseSize: Int, pool: BufferPool,
+    enqueue: (Item, UnsafeMutableRawBufferPointer?) throws -> Void
+  ) throws {
+    let total = reader.virtualSize
+    var position: Int64 = 0
+    // Zeros the source gave past the unit being filled.
+    var pendingZero: Range<Int64>?
+    while position < total {
+      let unitStart = position
+      let unitEnd = min(total, unitStart + unit)
+      var segments: [Segment] = []
+      var buffer: UnsafeMutableRawBufferPointer?
+      var passedThrough = false
+      while position < unitEnd {
+        let piece: Extent
+        if let zeros = pendingZero {
+          piece = Extent(zeros, .zero)
+          pendingZero = nil
+        } else {
+          let bytes = buffer ?? pool.take(Int(unit))
+          buffer = bytes
+          let room = UnsafeMutableRawBufferPointer(rebasing: bytes[Int(position - unitStart)..<Int(unitEnd - unitStart)])
+          piece = try reader.next(limit: total - position, into: room)
+          guard piece.range.lowerBound == position, !piece.range.isEmpty, piece.range.upperBound <= total,
+            piece.kind != .data || piece.range.upperBound <= unitEnd
+          else {
+            throw ImageError.invalid(path: reader.name, "internal: the source answered \(piece) at \(position)")
+          }
+        }
+        guard piece.kind == .zero else {
+          segments.appendMerging(Segment(range: piece.range, source: .received))
+          position = piece.range.upperBound
+          continue
+        }
+        if segments.isEmpty, sparseSize > 0, piece.range.upperBound >= unitEnd {
+          let wholeEnd =
+            piece.range.upperBound == total ? total : unitStart + (piece.range.upperBound - unitStart) / unit * unit
+          try enqueue(.runs([Run(range: unitStart..<wholeEnd, kind: .zero)]), nil)
+          if piece.range.upperBound > wholeEnd { pendingZero = wholeEnd..<piece.range.upperBound }
+          position = wholeEnd
+          passedThrough = true
+          break
+        }
+        let end = min(piece.range.upperBound, unitEnd)
+        segments.appendMerging(Segment(range: position..<end, source: sparseSize == 0 ? .zeroFilled : .zero))
+        if piece.range.upperBound > end { pendingZero = end..<piece.range.upperBound }
+        position = end
+      }
+      if passedThrough || !segments.contains(where: { $0.source.hasData }) {
+        if let buffer { pool.give(buffer) }
+        if !passedThrough { try enqueue(.runs(segments.map { Run(range: $0.range, kind: .zero) }), nil) }
+      } else {
+        try enqueue(.unit(segments), buffer)
+      }
+    }
+  }
+
+  /// What the engine does with each extent of the layered map.
+  static func plan(_ extents: [LayeredExtent], writeZeroBlocks: Bool) -> [Segment] {
+    extents.map { extent in
+      let source: Source
+      switch extent.kind {
+      case .data: source = .layer(extent.depth)
+      case .zero: source = writeZeroBlocks ? .zeroFilled : .zero
+      case .unallocated: source = .backing
+      }
+      return Segment(range: extent.range, source: source)
+    }
+  }
+
+  /// Cuts a window's plan into writer steps: each unit-sized, unit-aligned chunk of the
   /// disk that holds any data becomes one unit covering the whole chunk (so a unit never
   /// splits a cluster); chunks without data pass straight to the writer as runs.
-  static func items(
-    _ extents: [LayeredExtent], unit: Int64, granularity: Int64, writeZeroBlocks: Bool
-  ) -> [Item] {
+  static func items(_ plan: [Segment], unit: Int64, granularity: Int64) -> [Item] {
     var items: [Item] = []
     var chunk: [Segment] = []
-    var chunkHasData = false
     var chunkEnd: Int64 = -1
 
     func appendRuns(_ runs: [Run]) {
       if case .runs(let previous)? = items.last {
-        items[items.count - 1] = .runs(merge(previous + runs))
+        items[items.count - 1] = .runs((previous + runs).merged())
       } else {
-        items.append(.runs(merge(runs)))
+        items.append(.runs(runs.merged()))
       }
     }
 
@@ -253,34 +414,27 @@ public final class Converter {
         chunk.contains(where: { $0.source != .backing })
       {
         chunk = Converter.fillMixedGranules(chunk, granularity: granularity)
-        chunkHasData = chunkHasData || chunk.contains { $0.source == .chain }
       }
-      if chunkHasData {
+      if chunk.contains(where: { $0.source.hasData }) {
         items.append(.unit(chunk))
       } else {
         appendRuns(chunk.map { Run(range: $0.range, kind: $0.source == .backing ? .backing : .zero) })
       }
       chunk = []
-      chunkHasData = false
     }
 
-    for extent in extents {
-      let source: Source
-      switch extent.kind {
-      case .data: source = extent.depth == compareDepth ? .compare : .layer(extent.depth)
-      case .zero: source = writeZeroBlocks ? .layer(-1) : .zero
-      case .unallocated: source = .backing
-      }
-      var position = extent.range.lowerBound
-      while position < extent.range.upperBound {
+    for step in plan {
+      let source = step.source
+      var position = step.range.lowerBound
+      while position < step.range.upperBound {
         if position >= chunkEnd {
           flush()
           chunkEnd = (position / unit + 1) * unit
         }
         // Whole chunks without data go to the writer as one run: the cost follows the
         // extents, not the size of the disk.
-        if source == .zero || source == .backing, chunk.isEmpty, position % unit == 0 {
-          let wholeEnd = extent.range.upperBound / unit * unit
+        if !source.hasData, chunk.isEmpty, position % unit == 0 {
+          let wholeEnd = step.range.upperBound / unit * unit
           if wholeEnd > position {
             appendRuns([Run(range: position..<wholeEnd, kind: source == .backing ? .backing : .zero)])
             position = wholeEnd
@@ -288,9 +442,8 @@ public final class Converter {
             continue
           }
         }
-        let end = min(extent.range.upperBound, chunkEnd)
-        if source != .zero && source != .backing { chunkHasData = true }
-        chunk.append(Segment(range: position..<end, source: source))
+        let end = min(step.range.upperBound, chunkEnd)
+        chunk.appendMerging(Segment(range: position..<end, source: source))
         position = end
       }
     }
@@ -318,70 +471,58 @@ public final class Converter {
     var result: [Segment] = []
     for segment in segments {
       guard segment.source == .backing else {
-        result.append(segment)
+        result.appendMerging(segment)
         continue
       }
       var position = segment.range.lowerBound
       while position < segment.range.upperBound {
         let granule = position / granularity
         let end = min(segment.range.upperBound, (granule + 1) * granularity)
-        let source: Source = mixed.contains(granule) ? .chain : .backing
-        if let last = result.last, last.source == source, last.range.upperBound == position {
-          result[result.count - 1].range = last.range.lowerBound..<end
-        } else {
-          result.append(Segment(range: position..<end, source: source))
-        }
+        result.appendMerging(Segment(range: position..<end, source: mixed.contains(granule) ? .chain : .backing))
         position = end
       }
     }
     return result
   }
 
-  static func merge(_ runs: [Run]) -> [Run] {
-    var merged: [Run] = []
-    for run in runs {
-      if let last = merged.last, last.kind == run.kind, last.scanned == run.scanned,
-        last.range.upperBound == run.range.lowerBound
-      {
-        merged[merged.count - 1].range = last.range.lowerBound..<run.range.upperBound
-      } else {
-        merged.append(run)
-      }
-    }
-    return merged
-  }
-
-  /// A worker's job: read a unit's data segments, then split them into data and zero runs
-  /// at `sparseSize` blocks aligned to the disk. Segments known to be zero are not read.
+  /// A worker's job: read a unit's data segments (or take them from the job's buffer),
+  /// then split them into data and zero runs at `sparseSize` blocks aligned to the disk.
+  /// Segments known to be zero are not read.
   static func fill(
-    _ segments: [Segment], chain: Chain, sparseSize: Int, pool: BufferPool, base: Chain? = nil,
-    granularity: Int64 = 1
+    _ job: Job, chain: Chain?, sparseSize: Int, pool: BufferPool, base: Chain? = nil, granularity: Int64 = 1
   ) throws -> FilledUnit {
+    let segments = job.segments
     let start = segments.first!.range.lowerBound
     let end = segments.last!.range.upperBound
-    let buffer = pool.take(Int(end - start))
+    let buffer = job.buffer ?? pool.take(Int(end - start))
     var runs: [Run] = []
     var bytesRead: Int64 = 0
+    func scan(_ slice: UnsafeMutableRawBufferPointer, at offset: Int64, filled: Bool = false) {
+      for piece in zeroRuns(UnsafeRawBufferPointer(slice), at: offset, blockSize: sparseSize) {
+        runs.append(Run(range: piece.range, kind: piece.isZero ? .zero : .data, scanned: true, filled: filled))
+      }
+    }
     do {
       for segment in segments {
         let slice = UnsafeMutableRawBufferPointer(
           rebasing: buffer[Int(segment.range.lowerBound - start)..<Int(segment.range.upperBound - start)])
         switch segment.source {
-        case .layer, .chain:
-          if case .layer(let depth) = segment.source, depth >= 0 {
-            try chain.layers[depth].read(into: slice, at: segment.range.lowerBound)
-            bytesRead += Int64(slice.count)
-          } else if segment.source == .chain {
-            try chain.read(into: slice, at: segment.range.lowerBound)
-            bytesRead += Int64(slice.count)
-          } else {
-            slice.initializeMemory(as: UInt8.self, repeating: 0)
-          }
-          for piece in zeroRuns(UnsafeRawBufferPointer(slice), at: segment.range.lowerBound, blockSize: sparseSize) {
-            runs.append(Run(range: piece.range, kind: piece.isZero ? .zero : .data, scanned: true))
-          }
+        case .layer(let depth):
+          try chain!.layers[depth].read(into: slice, at: segment.range.lowerBound)
+          bytesRead += Int64(slice.count)
+          scan(slice, at: segment.range.lowerBound)
+        case .chain:
+          try chain!.read(into: slice, at: segment.range.lowerBound)
+          bytesRead += Int64(slice.count)
+          scan(slice, at: segment.range.lowerBound)
+        case .received:
+          bytesRead += Int64(slice.count)
+          scan(slice, at: segment.range.lowerBound)
+        case .zeroFilled:
+          slice.initializeMemory(as: UInt8.self, repeating: 0)
+          scan(slice, at: segment.range.lowerBound, filled: true)
         case .compare:
-          try chain.read(into: slice, at: segment.range.lowerBound)
+          try chain!.read(into: slice, at: segment.range.lowerBound)
           bytesRead += Int64(slice.count)
           runs += try compareWithBase(
             slice, at: segment.range.lowerBound, base: base!, granularity: granularity, sparseSize: sparseSize)
@@ -396,6 +537,8 @@ public final class Converter {
       throw error
     }
     return FilledUnit(
-      start: start, buffer: buffer, length: Int(end - start), pool: pool, runs: merge(runs), bytesRead: bytesRead)
+      start: start, buffer: buffer, length: Int(end - start), pool: pool, runs: runs.merged(), bytesRead: bytesRead)
   }
 }
+
+private func gcd(_ a: Int64, _ b: Int64) -> Int64 { b == 0 ? a : gcd(b, a % b) }

@@ -1,7 +1,7 @@
 import DiskImage
 
 /// A range of the virtual disk as the whole chain sees it.
-public struct LayeredExtent: Equatable, CustomStringConvertible {
+public struct LayeredExtent: RangeRun, Equatable, CustomStringConvertible {
   public var range: Range<Int64>
   /// `.data` or `.zero` as the layer at `depth` answered. `.unallocated` appears only when
   /// the walk was told to stop above a layer (`stopDepth`): the range is that layer's.
@@ -14,10 +14,15 @@ public struct LayeredExtent: Equatable, CustomStringConvertible {
   /// Where the bytes sit in that layer's file, when they sit there plainly.
   public var hostOffset: Int64?
 
-  public var length: Int64 { range.upperBound - range.lowerBound }
-
   public var description: String {
     (present ? "" : "~") + "\(kind)[\(range.lowerBound)..<\(range.upperBound)]@\(depth)" + (hostOffset.map { "+\($0)" } ?? "")
+  }
+
+  /// Same kind, presence and layer, touching, host offsets contiguous.
+  public func canMerge(with next: LayeredExtent) -> Bool {
+    kind == next.kind && present == next.present && depth == next.depth
+      && range.upperBound == next.range.lowerBound
+      && hostOffsetsContinue(hostOffset, length: length, next.hostOffset)
   }
 }
 
@@ -44,7 +49,7 @@ extension Chain {
     if !inside.isEmpty {
       for extent in try layer.allExtents(in: inside) {
         if extent.kind != .unallocated {
-          append(LayeredExtent(range: extent.range, kind: extent.kind, present: true, depth: depth, hostOffset: extent.hostOffset), to: &result)
+          result.appendMerging(LayeredExtent(range: extent.range, kind: extent.kind, present: true, depth: depth, hostOffset: extent.hostOffset))
         } else if depth + 1 < limit {
           try collect(extent.range, depth: depth + 1, limit: limit, into: &result)
         } else {
@@ -52,36 +57,17 @@ extension Chain {
           let cut = limit < layers.count
           // qemu-img map reports a host offset for an unallocated subcluster of an allocated
           // cluster (extended L2); keep what the layer said.
-          append(
+          result.appendMerging(
             LayeredExtent(
               range: extent.range, kind: cut ? .unallocated : .zero, present: false, depth: depth,
-              hostOffset: cut ? nil : extent.hostOffset), to: &result)
+              hostOffset: cut ? nil : extent.hostOffset))
         }
       }
     }
     // Past this layer's end: zeros, answered by the layer above it (as qemu-img map does).
     if range.upperBound > layer.virtualSize {
       let past = max(range.lowerBound, layer.virtualSize)..<range.upperBound
-      append(LayeredExtent(range: past, kind: .zero, present: false, depth: max(0, depth - 1), hostOffset: nil), to: &result)
-    }
-  }
-
-  private func append(_ extent: LayeredExtent, to result: inout [LayeredExtent]) {
-    guard extent.length > 0 else { return }
-    if var last = result.last, last.kind == extent.kind, last.present == extent.present, last.depth == extent.depth,
-      last.range.upperBound == extent.range.lowerBound
-    {
-      switch (last.hostOffset, extent.hostOffset) {
-      case (nil, nil): break
-      case let (a?, b?) where a + last.length == b: break
-      default:
-        result.append(extent)
-        return
-      }
-      last.range = last.range.lowerBound..<extent.range.upperBound
-      result[result.count - 1] = last
-    } else {
-      result.append(extent)
+      result.appendMerging(LayeredExtent(range: past, kind: .zero, present: false, depth: max(0, depth - 1), hostOffset: nil))
     }
   }
 

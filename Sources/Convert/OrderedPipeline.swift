@@ -1,3 +1,4 @@
+import DiskImage
 import Foundation
 
 /// Runs jobs on threads the engine owns (blocking I/O must not sit on Swift's cooperative
@@ -5,7 +6,7 @@ import Foundation
 /// whatever the thread count. At most `capacity` jobs are queued or finished-but-unread,
 /// which bounds memory by the work in flight, never by the size of the disk.
 final class OrderedPipeline<Input, Output> {
-  private let condition = NSCondition()
+  private let lock = Lock()
   private var queue: [(Int, Input)] = []
   private var queueHead = 0
   private var finished: [Int: Result<Output, Error>] = [:]
@@ -28,63 +29,67 @@ final class OrderedPipeline<Input, Output> {
   }
 
   /// Number of submitted jobs whose result has not been taken yet.
-  var pending: Int {
-    condition.lock()
-    defer { condition.unlock() }
-    return nextSubmit - nextTake
-  }
+  var pending: Int { lock.withLock { nextSubmit - nextTake } }
 
   var isFull: Bool { pending >= capacity }
 
   /// Queues a job. The caller keeps `pending` under `capacity` by taking results.
   func submit(_ input: Input) {
-    condition.lock()
-    queue.append((nextSubmit, input))
-    nextSubmit += 1
-    condition.signal()
-    condition.unlock()
+    lock.withLock {
+      queue.append((nextSubmit, input))
+      nextSubmit += 1
+      lock.broadcast()
+    }
   }
 
   /// The result of the oldest job not yet taken, waiting for it if needed.
   func takeNext() throws -> Output {
-    condition.lock()
-    defer { condition.unlock() }
-    while finished[nextTake] == nil { condition.wait() }
-    let result = finished.removeValue(forKey: nextTake)!
-    nextTake += 1
+    let result = lock.withLock {
+      while finished[nextTake] == nil { lock.wait() }
+      let result = finished.removeValue(forKey: nextTake)!
+      nextTake += 1
+      return result
+    }
     return try result.get()
   }
 
   /// Stops the workers and waits for them; queued jobs are dropped.
   func shutdown() {
-    condition.lock()
-    stopping = true
-    queue.removeAll()
-    queueHead = 0
-    condition.broadcast()
-    while running > 0 { condition.wait() }
-    condition.unlock()
+    lock.withLock {
+      stopping = true
+      queue.removeAll()
+      queueHead = 0
+      lock.broadcast()
+      while running > 0 { lock.wait() }
+    }
   }
 
   private func workerLoop() {
-    condition.lock()
-    while true {
-      while !stopping && queueHead >= queue.count { condition.wait() }
-      if stopping { break }
-      let (sequence, input) = queue[queueHead]
+    while let (sequence, input) = nextJob() {
+      let result = Result { try work(input) }
+      lock.withLock {
+        finished[sequence] = result
+        lock.broadcast()
+      }
+    }
+    lock.withLock {
+      running -= 1
+      lock.broadcast()
+    }
+  }
+
+  /// The next queued job, waiting for one; nil once the pipeline stops.
+  private func nextJob() -> (Int, Input)? {
+    lock.withLock {
+      while !stopping && queueHead >= queue.count { lock.wait() }
+      if stopping { return nil }
+      let job = queue[queueHead]
       queueHead += 1
       if queueHead > 64 && queueHead * 2 > queue.count {
         queue.removeFirst(queueHead)
         queueHead = 0
       }
-      condition.unlock()
-      let result = Result { try work(input) }
-      condition.lock()
-      finished[sequence] = result
-      condition.broadcast()
+      return job
     }
-    running -= 1
-    condition.broadcast()
-    condition.unlock()
   }
 }

@@ -10,7 +10,7 @@ public enum ExtentKind: Sendable, Equatable {
 }
 
 /// A contiguous range of the virtual disk with one kind, as one layer sees it.
-public struct Extent: Sendable, Equatable, CustomStringConvertible {
+public struct Extent: RangeRun, Sendable, Equatable, CustomStringConvertible {
   public var range: Range<Int64>
   public var kind: ExtentKind
   /// Where the range starts in the layer's host file, when the bytes sit there plainly
@@ -24,31 +24,22 @@ public struct Extent: Sendable, Equatable, CustomStringConvertible {
     self.hostOffset = hostOffset
   }
 
-  public var length: Int64 { range.upperBound - range.lowerBound }
-
   public var description: String {
     "\(kind)[\(range.lowerBound)..<\(range.upperBound)]" + (hostOffset.map { "@\($0)" } ?? "")
   }
 
   /// Whether `next` continues this extent: same kind, touching, and host offsets contiguous.
   public func canMerge(with next: Extent) -> Bool {
-    guard kind == next.kind, range.upperBound == next.range.lowerBound else { return false }
-    switch (hostOffset, next.hostOffset) {
-    case (nil, nil): return true
-    case let (a?, b?): return a + length == b
-    default: return false
-    }
+    kind == next.kind && range.upperBound == next.range.lowerBound
+      && hostOffsetsContinue(hostOffset, length: length, next.hostOffset)
   }
 }
 
-extension Array where Element == Extent {
-  /// Appends `extent`, merging it into the last element when it continues it.
-  public mutating func appendMerging(_ extent: Extent) {
-    guard extent.length > 0 else { return }
-    if let last = self.last, last.canMerge(with: extent) {
-      self[count - 1].range = last.range.lowerBound..<extent.range.upperBound
-    } else {
-      append(extent)
-    }
+/// Whether a host offset `next` continues `first` after `length` bytes (both nil: yes).
+public func hostOffsetsContinue(_ first: Int64?, length: Int64, _ next: Int64?) -> Bool {
+  switch (first, next) {
+  case (nil, nil): return true
+  case let (a?, b?): return a + length == b
+  default: return false
   }
 }

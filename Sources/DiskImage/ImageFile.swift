@@ -6,9 +6,10 @@ import CLacunaSys
 
 /// An open file of an image, read-only or writable, addressed by absolute offsets.
 /// Safe to use from several threads at once: every call is a positioned system call.
-public final class ImageFile: @unchecked Sendable {
+public final class ImageFile: ByteSource, @unchecked Sendable {
   /// The path as the user or the referring image gave it; used in every error.
   public let path: String
+  public var name: String { path }
   public let descriptor: Int32
   public let writable: Bool
   private var closed = false
@@ -70,7 +71,7 @@ public final class ImageFile: @unchecked Sendable {
   public func size() throws -> Int64 { Int64(try status().st_size) }
 
   /// Bytes of storage the file occupies (`st_blocks * 512`), as `du` counts them.
-  public func allocatedSize() throws -> Int64 { Int64(try status().st_blocks) * 512 }
+  public func allocatedSize() throws -> Int64? { Int64(try status().st_blocks) * 512 }
 
   /// Reads up to `buffer.count` bytes at `offset`, retrying short reads; returns how many
   /// were read (fewer only at the end of the file).
@@ -89,28 +90,6 @@ public final class ImageFile: @unchecked Sendable {
       done += n
     }
     return done
-  }
-
-  /// Reads exactly `buffer.count` bytes at `offset`; running into the end of the file is an
-  /// error naming `what` was being read (damage is never read as zeros).
-  public func readExactly(
-    into buffer: UnsafeMutableRawBufferPointer, at offset: Int64, what: @autoclosure () -> String
-  ) throws {
-    let n = try read(into: buffer, at: offset)
-    if n < buffer.count {
-      let size = (try? self.size()) ?? -1
-      throw ImageError.invalid(
-        path: path,
-        "\(what()) at \(hex(offset)) (\(buffer.count) bytes) runs past the end of the file (size \(hex(size)))"
-      )
-    }
-  }
-
-  /// Reads exactly `count` bytes at `offset` into a new array.
-  public func readBytes(count: Int, at offset: Int64, what: @autoclosure () -> String) throws -> [UInt8] {
-    var bytes = [UInt8](repeating: 0, count: count)
-    try bytes.withUnsafeMutableBytes { try readExactly(into: $0, at: offset, what: what()) }
-    return bytes
   }
 
   /// Writes all of `bytes` at `offset`, retrying short writes.
@@ -195,7 +174,7 @@ public final class ImageFile: @unchecked Sendable {
   }
 
   /// The device and inode that identify the file, to refuse writing over an input.
-  public func identity() throws -> FileIdentity {
+  public func identity() throws -> FileIdentity? {
     let info = try status()
     return FileIdentity(device: UInt64(info.st_dev), inode: UInt64(info.st_ino))
   }

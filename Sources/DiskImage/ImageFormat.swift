@@ -1,4 +1,23 @@
-/// A disk-image format: how to recognise it, read it and write it.
+/// What a format can do, for the engine and the command line to ask instead of testing
+/// format names.
+public struct FormatCapabilities: OptionSet, Sendable {
+  public let rawValue: Int
+  public init(rawValue: Int) { self.rawValue = rawValue }
+
+  /// The writer takes the disk strictly in order and never seeks or reads back: its
+  /// output may be a pipe (`-` as the destination).
+  public static let sequentialOutput = FormatCapabilities(rawValue: 1 << 0)
+  /// An image of this format is the disk byte for byte, so zero blocks can be punched out
+  /// of it in place (`sparsify`).
+  public static let sparsifyInPlace = FormatCapabilities(rawValue: 1 << 1)
+  /// The writer can record a backing file (`-B`).
+  public static let backingFile = FormatCapabilities(rawValue: 1 << 2)
+  /// The writer can compress (`-c`).
+  public static let compression = FormatCapabilities(rawValue: 1 << 3)
+}
+
+/// A disk-image format: how to recognise it, read it and write it. A format reads and
+/// writes through byte sources and targets; where the bytes live is not its business.
 public struct ImageFormat {
   /// The name `-f` and `-O` take.
   public var name: String
@@ -6,22 +25,41 @@ public struct ImageFormat {
   public var probeLength: Int
   /// True when these leading bytes carry the format's magic. Raw never claims a file.
   public var probe: (_ header: [UInt8]) -> Bool
-  /// Opens an image of this format from an open, read-only file.
-  public var open: (_ file: ImageFile) throws -> ImageReader
-  /// Creates a writer that fills `output` with an image of `virtualSize` bytes; nil
-  /// for formats that cannot be written.
-  public var create: ((_ output: OutputFile, _ virtualSize: Int64, _ options: WriterOptions) throws -> ImageWriter)?
+  public var capabilities: FormatCapabilities
+  /// Opens an image of this format for random access; nil for formats that can only be
+  /// read from start to end.
+  public var open: ((_ source: ByteSource) throws -> ImageReader)?
+  /// Opens an image of this format that is read from start to end (from a pipe); nil for
+  /// formats that need random access.
+  public var openSequential: ((_ input: SequentialInput) throws -> SequentialImageReader)?
+  /// Creates a writer that fills `target` with an image of `virtualSize` bytes; nil for
+  /// formats that cannot be written.
+  public var create: ((_ target: ByteTarget, _ virtualSize: Int64, _ options: WriterOptions) throws -> ImageWriter)?
 
   public init(
     name: String, probeLength: Int = 0, probe: @escaping ([UInt8]) -> Bool = { _ in false },
-    open: @escaping (ImageFile) throws -> ImageReader,
-    create: ((OutputFile, Int64, WriterOptions) throws -> ImageWriter)? = nil
+    capabilities: FormatCapabilities = [],
+    open: ((ByteSource) throws -> ImageReader)? = nil,
+    openSequential: ((SequentialInput) throws -> SequentialImageReader)? = nil,
+    create: ((ByteTarget, Int64, WriterOptions) throws -> ImageWriter)? = nil
   ) {
     self.name = name
     self.probeLength = probeLength
     self.probe = probe
+    self.capabilities = capabilities
     self.open = open
+    self.openSequential = openSequential
     self.create = create
+  }
+
+  /// Opens `source` as this format for random access, or says why it cannot be.
+  public func openImage(_ source: ByteSource) throws -> ImageReader {
+    guard let open else {
+      throw ImageError.usage(
+        path: source.name,
+        "is a \(name) image, which is read from start to end: use `lacuna convert -f \(name) \(source.name) OUTPUT`")
+    }
+    return try open(source)
   }
 }
 
@@ -35,40 +73,50 @@ public struct FormatRegistry {
     self.fallback = fallback
   }
 
-  public var names: [String] { formats.map(\.name) + [fallback.name] }
+  public var all: [ImageFormat] { formats + [fallback] }
+  public var names: [String] { all.map(\.name) }
 
   public func format(named name: String) -> ImageFormat? {
-    (formats + [fallback]).first { $0.name == name }
+    all.first { $0.name == name }
   }
 
-  /// The format whose magic the file starts with, or the fallback (raw) when none does.
-  public func probe(_ file: ImageFile) throws -> ImageFormat {
+  /// The format named `name`, or a usage error naming `path` and the known formats.
+  public func format(named name: String, for path: String) throws -> ImageFormat {
+    guard let format = format(named: name) else {
+      throw ImageError.usage(path: path, "unknown format '\(name)' (known: \(names.joined(separator: ", ")))")
+    }
+    return format
+  }
+
+  /// The formats that have every one of `capabilities`.
+  public func formats(with capabilities: FormatCapabilities) -> [ImageFormat] {
+    all.filter { $0.capabilities.isSuperset(of: capabilities) }
+  }
+
+  /// The format whose magic the source starts with, or the fallback (raw) when none does.
+  public func probe(_ source: ByteSource) throws -> ImageFormat {
     let length = formats.map(\.probeLength).max() ?? 0
     var header = [UInt8](repeating: 0, count: length)
-    let n = try header.withUnsafeMutableBytes { try file.read(into: $0, at: 0) }
+    let n = try header.withUnsafeMutableBytes { try source.read(into: $0, at: 0) }
     // An empty file carries no format at all; calling it a raw disk of 0 bytes would turn
     // a failed download into an empty "successful" conversion.
-    if n == 0, length > 0, try file.size() == 0 {
+    if n == 0, length > 0, try source.size() == 0 {
       throw ImageError.invalid(
-        path: file.path, "the file is empty (0 bytes), not an image; give -f raw to use it as an empty raw disk")
+        path: source.name, "the file is empty (0 bytes), not an image; give -f raw to use it as an empty raw disk")
     }
     header.removeLast(length - n)
     return formats.first { $0.probe(header) } ?? fallback
   }
 
-  /// Opens `path` read-only as `formatName`, or probes when it is nil. With a format
-  /// given, the file is never probed: a guest can write any header into its disk.
-  public func open(_ path: String, format formatName: String?) throws -> ImageReader {
-    let file = try ImageFile.openForReading(path)
-    let format: ImageFormat
-    if let formatName {
-      guard let named = self.format(named: formatName) else {
-        throw ImageError.usage(path: path, "unknown format '\(formatName)' (known: \(names.joined(separator: ", ")))")
-      }
-      format = named
-    } else {
-      format = try probe(file)
-    }
-    return try format.open(file)
+  /// The format of `source`: the one named (never probed: a guest can write any header
+  /// into its disk), or the one its magic says.
+  public func format(of source: ByteSource, named formatName: String?) throws -> ImageFormat {
+    if let formatName { return try format(named: formatName, for: source.name) }
+    return try probe(source)
+  }
+
+  /// Opens `source` for random access as `formatName`, or probes when it is nil.
+  public func open(_ source: ByteSource, format formatName: String?) throws -> ImageReader {
+    try format(of: source, named: formatName).openImage(source)
   }
 }

@@ -18,8 +18,8 @@ public struct BackingReference: Sendable, Equatable {
 /// engine stacks readers into a chain and asks each layer only about what the layers above
 /// left `unallocated`. Readers must allow `read` and `extents` from several threads at once.
 public protocol ImageReader: AnyObject {
-  /// The file this layer reads.
-  var file: ImageFile { get }
+  /// Where this layer's bytes live.
+  var source: ByteSource { get }
   /// The format's name as `-f` takes it ("raw", "qcow2").
   var formatName: String { get }
   /// The size of the virtual disk in bytes, exact (no rounding to sectors).
@@ -50,7 +50,7 @@ extension ImageReader {
   public var isDirty: Bool { false }
   public var warnings: [String] { [] }
   public var formatSpecific: [(String, InfoValue)] { [] }
-  public var path: String { file.path }
+  public var path: String { source.name }
 
   /// Every extent of `range`, looping over `extents(in:)` until the range is covered.
   public func allExtents(in range: Range<Int64>) throws -> [Extent] {

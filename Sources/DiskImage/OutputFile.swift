@@ -8,7 +8,7 @@ import CLacunaSys
 /// beside it (`.NAME.lacuna-XXXXXX`, a name no image tool would take for the output), which
 /// `commit()` fsyncs and renames into place, then fsyncs the directory. `abandon()`, any
 /// error path, or SIGINT/SIGTERM/SIGHUP removes the temporary file.
-public final class OutputFile {
+public final class OutputFile: ByteTarget {
   /// The destination path as the user gave it.
   public let path: String
   /// The temporary file's path while the output is being written.
@@ -71,15 +71,74 @@ public final class OutputFile {
 
   deinit { abandon() }
 
+  // MARK: - ByteTarget
+
+  public var name: String { path }
+  public var isSequential: Bool { isStandardOutput }
+  /// Bytes appended so far to standard output.
+  private var appended: Int64 = 0
+
+  public func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64) throws {
+    guard isStandardOutput else { return try file.write(bytes, at: offset) }
+    guard offset == appended else {
+      throw ImageError.invalid(
+        path: file.path, "internal: standard output is at byte \(appended), a write asked for byte \(offset)")
+    }
+    var done = 0
+    while done < bytes.count {
+      let n = Glibc.write(file.descriptor, bytes.baseAddress! + done, bytes.count - done)
+      if n < 0 {
+        if errno == EINTR { continue }
+        let code = errno
+        throw ImageError.system(
+          path: file.path,
+          operation: "write \(bytes.count - done) bytes at stream offset \(appended + Int64(done))"
+            + (code == EPIPE ? " (the reading end of the pipe has closed)" : ""),
+          errno: code)
+      }
+      done += n
+    }
+    appended += Int64(bytes.count)
+  }
+
+  public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws -> Int {
+    guard !isStandardOutput else { throw ImageError.usage(path: file.path, "cannot read back standard output") }
+    return try file.read(into: buffer, at: offset)
+  }
+
+  public func size() throws -> Int64 { isStandardOutput ? appended : try file.size() }
+
+  public func truncate(to size: Int64) throws {
+    guard !isStandardOutput else { throw ImageError.usage(path: file.path, "cannot resize standard output") }
+    try file.truncate(to: size)
+  }
+
+  public func allocate(_ range: Range<Int64>) throws {
+    guard !isStandardOutput else { throw ImageError.usage(path: file.path, "cannot reserve space on standard output") }
+    try file.allocate(range)
+  }
+
+  public func punchHole(_ range: Range<Int64>) throws -> Bool {
+    isStandardOutput ? false : try file.punchHole(range)
+  }
+
+  public func flush() throws {
+    if isStandardOutput {
+      if fsync(file.descriptor) != 0 && errno != EINVAL && errno != EROFS {
+        throw ImageError.system(path: file.path, operation: "fsync", errno: errno)
+      }
+    } else {
+      try file.synchronize()
+    }
+  }
+
   /// Makes the output visible at `path`: fsync the file, close it, rename it over the
   /// destination, fsync the directory.
   public func commit() throws {
     guard !finished else { return }
     if isStandardOutput {
       finished = true
-      if synchronizes && fsync(file.descriptor) != 0 && errno != EINVAL && errno != EROFS {
-        throw ImageError.system(path: file.path, operation: "fsync", errno: errno)
-      }
+      if synchronizes { try flush() }
       return
     }
     do {

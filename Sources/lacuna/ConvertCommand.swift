@@ -93,66 +93,38 @@ struct ConvertCommand: ParsableCommand {
 
   func run() throws {
     let started = Date()
-    guard let outputFormatEntry = registry.format(named: outputFormat) else {
-      throw ImageError.usage(path: destination, "unknown output format '\(outputFormat)' (known: \(registry.names.joined(separator: ", ")))")
-    }
-    guard let create = outputFormatEntry.create else {
-      throw ImageError.usage(path: destination, "lacuna cannot write \(outputFormat) images")
-    }
-    if try readsStream() { return try receiveStream() }  // StreamConvert.swift
-    let chain = try Chain.open(source, format: sourceFormat, registry: registry, backingFormat: sourceBackingFormat)
-    for layer in chain.layers { for warning in layer.warnings { printError("\(layer.path): \(warning)") } }
-
-    var engineOptions = ConvertOptions()
-    var writerOptions = WriterOptions(options: try parseOptions(options), compress: compress)
-    let (backing, backingFormat) = try takeBackingOptions(
-      &writerOptions.options, backing: self.backing, format: self.backingFormat)
-    var inputs = try chain.identities()
-    if let backing {
-      // The name is recorded as given and, like any backing name, resolves against the
-      // directory of the image that holds it: the output's.
-      let base = try Chain.open(
-        Chain.resolveBacking(backing, relativeTo: destination), format: backingFormat, registry: registry)
-      writerOptions.backing = BackingReference(name: backing, format: backingFormat ?? base.top.formatName)
-      let baseIdentity = try base.top.file.identity()
-      if let depth = try chain.layers.firstIndex(where: { try $0.file.identity() == baseIdentity }) {
-        engineOptions.stopDepth = depth  // store exactly what the layers above it hold
-      } else {
-        engineOptions.compareBase = base  // store what differs from it, cluster by cluster
-      }
-      inputs.formUnion(try base.identities())
-    }
-
-    // Writing over any file the conversion reads would destroy an input mid-read.
-    if let target = FileIdentity.of(path: destination), inputs.contains(target) {
-      throw ImageError.usage(path: destination, "the output is the same file as an input; refusing to overwrite it")
-    }
-
-    let output = try openOutput()  // a temporary file, or standard output for `-` (StreamConvert.swift)
-    output.synchronizes = cacheMode != .unsafe
-    let writer: ImageWriter
-    do {
-      writer = try create(output, chain.virtualSize, writerOptions)
-    } catch {
-      output.abandon()
-      throw error
-    }
-
-    engineOptions.sparseSize = Int(parseSize(sparseSize)!)
-    if let threads { engineOptions.threads = threads }
+    var request = ConversionRequest(source: source, destination: destination, outputFormat: outputFormat)
+    request.sourceFormat = sourceFormat
+    request.sourceBackingFormat = sourceBackingFormat
+    request.writerOptions = WriterOptions(options: try parseOptions(options), compress: compress)
+    (request.backing, request.backingFormat) = try takeBackingOptions(
+      &request.writerOptions.options, backing: backing, format: backingFormat)
+    request.synchronizes = cacheMode != .unsafe
+    request.engine.sparseSize = Int(parseSize(sparseSize)!)
+    if let threads { request.engine.threads = threads }
     let format = progressFormat ?? (progress ? .bar : nil)
     let meter = quiet ? nil : format.map { ProgressMeter(format: $0, toStandardError: destination == "-") }
-    engineOptions.progress = meter.map { meter in { meter.update(done: $0, total: $1) } }
-    let statistics = try Converter(chain: chain, writer: writer, options: engineOptions).run()
+    request.engine.progress = meter.map { meter in { meter.update(done: $0, total: $1) } }
+    request.warn = { printError($0) }
+
+    let conversion = try Conversion.open(request, resolver: resolver)
+    let statistics = try conversion.run()
     meter?.finish()
-    if summary && !quiet {
-      let seconds = Date().timeIntervalSince(started)
+    guard summary && !quiet else { return }
+    let seconds = String(format: "%.3f s", Date().timeIntervalSince(started))
+    if let streamBytes = statistics.sourceBytes {
+      printError(
+        "received \(conversion.input.name) into \(destination): \(statistics.virtualSize) bytes virtual, "
+          + "\(streamBytes) stream bytes, \(statistics.bytesRead) data, "
+          + "\(statistics.holeBytes + statistics.holeBytesWritten) in zero records, \(statistics.bytesWritten) written, "
+          + "\(statistics.zeroBytesSkipped) zero bytes skipped, " + seconds, prefix: false)
+    } else {
       printError(
         "converted \(source) to \(destination): \(statistics.virtualSize) bytes virtual, "
           + "\(statistics.bytesRead) read, \(statistics.bytesWritten) written, "
           + "\(statistics.holeBytes) skipped as holes, \(statistics.zeroBytesSkipped) as zero blocks, "
           + (statistics.backingBytes > 0 ? "\(statistics.backingBytes) left to the backing file, " : "")
-          + String(format: "%.3f s", seconds), prefix: false)
+          + seconds, prefix: false)
     }
   }
 }

@@ -49,32 +49,14 @@ struct CreateCommand: ParsableCommand {
   }
 
   func run() throws {
-    guard let entry = registry.format(named: format), let create = entry.create else {
-      throw ImageError.usage(path: image, "cannot create images of format '\(format)' (known: \(registry.names.joined(separator: ", ")))")
-    }
-    var writerOptions = WriterOptions(options: try parseOptions(options))
-    let (backing, backingFormat) = try takeBackingOptions(
-      &writerOptions.options, backing: self.backing, format: self.backingFormat)
-    var virtualSize = size.flatMap(parseSize)
-    if let backing {
-      let base = try Chain.open(Chain.resolveBacking(backing, relativeTo: image), format: backingFormat, registry: registry)
-      writerOptions.backing = BackingReference(name: backing, format: backingFormat ?? base.top.formatName)
-      if virtualSize == nil { virtualSize = base.virtualSize }
-      if let target = FileIdentity.of(path: image), try base.identities().contains(target) {
-        throw ImageError.usage(path: image, "the new image is the same file as its backing chain; refusing to overwrite it")
-      }
-    }
-    let output = try OutputFile(creatingBeside: image)
-    do {
-      let writer = try create(output, virtualSize!, writerOptions)
-      try writer.finish()
-    } catch {
-      output.abandon()
-      throw error
-    }
+    var request = CreationRequest(image: image, format: format, size: size.flatMap(parseSize))
+    request.writerOptions = WriterOptions(options: try parseOptions(options))
+    (request.backing, request.backingFormat) = try takeBackingOptions(
+      &request.writerOptions.options, backing: backing, format: backingFormat)
+    let created = try createImage(request, resolver: resolver)
     if !quiet {
-      let backingText = writerOptions.backing.map { " backing_file=\($0.name) backing_fmt=\($0.format ?? "")" } ?? ""
-      print("Formatting '\(image)', fmt=\(format) size=\(virtualSize!)\(backingText)")
+      let backingText = created.backing.map { " backing_file=\($0.name) backing_fmt=\($0.format ?? "")" } ?? ""
+      print("Formatting '\(image)', fmt=\(format) size=\(created.virtualSize)\(backingText)")
     }
   }
 }

@@ -30,9 +30,9 @@ struct InfoCommand: ParsableCommand {
   func run() throws {
     let layers: [ImageReader]
     if backingChain {
-      layers = try Chain.open(image, format: format, registry: registry).layers
+      layers = try resolver.openChain(image, format: format).layers
     } else {
-      layers = [try registry.open(image, format: format)]
+      layers = [try resolver.openImage(image, format: format)]
     }
     for layer in layers { for warning in layer.warnings { printError("\(layer.path): \(warning)") } }
     let described = try layers.map(describe)
@@ -52,13 +52,13 @@ struct InfoCommand: ParsableCommand {
     fields.append(("filename", .string(layer.path)))
     if let cluster = layer.clusterSize { fields.append(("cluster-size", .integer(Int64(cluster)))) }
     fields.append(("format", .string(layer.formatName)))
-    fields.append(("actual-size", .integer(try layer.file.allocatedSize())))
+    if let allocated = try layer.source.allocatedSize() { fields.append(("actual-size", .integer(allocated))) }
     if !layer.formatSpecific.isEmpty {
       fields.append(
         ("format-specific", .object([("type", .string(layer.formatName)), ("data", .object(layer.formatSpecific))])))
     }
     if let backing = layer.backing {
-      fields.append(("full-backing-filename", .string(Chain.resolveBacking(backing.name, relativeTo: layer.path))))
+      fields.append(("full-backing-filename", .string(Resolver.path(of: backing.name, heldBy: layer.path))))
       fields.append(("backing-filename", .string(backing.name)))
     }
     fields.append(("dirty-flag", .bool(layer.isDirty)))
@@ -71,11 +71,11 @@ struct InfoCommand: ParsableCommand {
       "image: \(layer.path)",
       "file format: \(layer.formatName)",
       "virtual size: \(humanSize(layer.virtualSize)) (\(layer.virtualSize) bytes)",
-      "disk size: \(humanSize(try layer.file.allocatedSize()))",
     ]
+    if let allocated = try layer.source.allocatedSize() { lines.append("disk size: \(humanSize(allocated))") }
     if let cluster = layer.clusterSize { lines.append("cluster_size: \(cluster)") }
     if let backing = layer.backing {
-      let full = Chain.resolveBacking(backing.name, relativeTo: layer.path)
+      let full = Resolver.path(of: backing.name, heldBy: layer.path)
       lines.append("backing file: \(backing.name)" + (full == backing.name ? "" : " (actual path: \(full))"))
       if let format = backing.format { lines.append("backing file format: \(format)") }
     }

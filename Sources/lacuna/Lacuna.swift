@@ -35,6 +35,8 @@ struct Lacuna: ParsableCommand {
 
 /// The formats this build knows, in probing order; raw is what is left.
 let registry = FormatRegistry(formats: [QCOW2.format, SparseStream.format], fallback: Raw.format)
+/// How every name the user gives or an image holds becomes an image.
+let resolver = Resolver(registry: registry)
 
 /// A failure that is not an image's fault, with the exit status it deserves.
 struct CommandFailure: Error {
@@ -53,26 +55,8 @@ enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
   case human, json
 }
 
-/// Parses a size as qemu-img does: a number of bytes, or with a suffix k, M, G, T, P, E
-/// (powers of 1024; upper or lower case; `b` for bytes).
-func parseSize(_ text: String) -> Int64? {
-  let units: [Character: Int64] = [
-    "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60,
-  ]
-  var digits = Substring(text)
-  var multiplier: Int64 = 1
-  if let last = text.last, let unit = units[Character(last.lowercased())] {
-    multiplier = unit
-    digits = digits.dropLast()
-  }
-  if let whole = Int64(digits), whole >= 0 {
-    let (product, overflow) = whole.multipliedReportingOverflow(by: multiplier)
-    return overflow ? nil : product
-  }
-  // Fractions such as 1.5G, rounded down to a byte.
-  guard let value = Double(digits), value >= 0, value * Double(multiplier) < 9.2e18 else { return nil }
-  return Int64(value * Double(multiplier))
-}
+/// Parses a size as qemu-img does (see `parseByteSize`).
+func parseSize(_ text: String) -> Int64? { parseByteSize(text) }
 
 /// Parses `-o key=value,key=value`. qemu-img's `,,` escape stands for a literal comma.
 func parseOptions(_ list: [String]) throws -> [String: String] {

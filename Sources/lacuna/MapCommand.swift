@@ -36,7 +36,7 @@ struct MapCommand: ParsableCommand {
   var image: String
 
   func run() throws {
-    let chain = try Chain.open(image, format: format, registry: registry)
+    let chain = try resolver.openChain(image, format: format)
     for layer in chain.layers { for warning in layer.warnings { printError("\(layer.path): \(warning)") } }
     guard let start = startOffset.map(parseSize) ?? 0, let length = maxLength.map(parseSize) ?? Int64.max else {
       throw ValidationError("--start-offset and --max-length take a size")
@@ -62,11 +62,7 @@ struct MapCommand: ParsableCommand {
     while position < end {
       let windowEnd = min(end, position + window)
       for extent in try chain.extents(in: position..<windowEnd) {
-        if var last = pending, last.kind == extent.kind, last.present == extent.present,
-          last.depth == extent.depth, last.range.upperBound == extent.range.lowerBound,
-          (last.hostOffset == nil && extent.hostOffset == nil)
-            || (last.hostOffset != nil && last.hostOffset! + last.length == extent.hostOffset)
-        {
+        if var last = pending, last.canMerge(with: extent) {
           last.range = last.range.lowerBound..<extent.range.upperBound
           pending = last
         } else {

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Convert
 import DiskImage
 import Foundation
 
@@ -44,34 +45,9 @@ struct SparsifyCommand: ParsableCommand {
 
   func run() throws {
     let started = Date()
-    // Decide on a read-only descriptor: an image that is not raw is never opened for writing.
-    let reading = try ImageFile.openForReading(image)
-    guard (try reading.status().st_mode & S_IFMT) == S_IFREG else {
-      throw ImageError.usage(path: image, "is not a regular file; sparsify punches holes in raw image files")
-    }
-    let formatName = try format ?? registry.probe(reading).name
-    guard formatName == "raw" else {
-      if registry.format(named: formatName) == nil {
-        throw ImageError.usage(path: image, "unknown format '\(formatName)' (sparsify works on raw images)")
-      }
-      throw ImageError.usage(
-        path: image,
-        "is a \(formatName) image; sparsify works on raw images in place. To drop its zero blocks, convert it: "
-          + "lacuna convert -O \(formatName == "stream" ? "raw" : formatName) \(image) NEW, then move NEW over it")
-    }
-
-    let descriptor = open(image, O_RDWR | O_CLOEXEC)
-    guard descriptor >= 0 else {
-      throw ImageError.system(path: image, operation: "open for writing", errno: errno)
-    }
-    let file = ImageFile.adoptWritable(descriptor: descriptor, path: image)
-    guard try file.identity() == reading.identity() else {
-      throw ImageError.usage(path: image, "the file changed while being opened; try again")
-    }
-    reading.close()
-
-    let statistics = try Sparsifier(file: file, blockSize: Int(parseSize(sparseSize)!)).run()
-    try file.closeChecked()
+    let sparsifier = try Sparsifier.open(image, format: format, blockSize: Int(parseSize(sparseSize)!), registry: registry)
+    let statistics = try sparsifier.run()
+    try sparsifier.file.closeChecked()
     if summary {
       printError(
         "sparsified \(image): \(statistics.bytesScanned) bytes of data scanned, "

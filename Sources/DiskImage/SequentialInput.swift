@@ -1,13 +1,12 @@
-import DiskImage
-
 #if canImport(Glibc)
   import Glibc
 #endif
 
-/// A stream's bytes, read from start to end from a descriptor (a pipe, standard input, or a
-/// file), with `read(2)`. Small reads (record headers) come from a buffer; large ones go
+/// Bytes read from start to end from a descriptor (a pipe, standard input, or a file read
+/// as a stream), with `read(2)`: the byte source of a sequential image, whose size is not
+/// known until it ends. Small reads (record headers) come from a buffer; large ones go
 /// straight into the caller's memory.
-public final class StreamInput {
+public final class SequentialInput {
   /// The name errors give: the path, or "standard input".
   public let name: String
   private let descriptor: Int32
@@ -18,10 +17,23 @@ public final class StreamInput {
   /// Stream bytes handed out so far: the offset of the next byte.
   public private(set) var offset: Int64 = 0
 
-  /// Reads from `descriptor`, which the caller keeps open while this reads.
+  /// A random-access source read from start to end instead of the descriptor.
+  private let source: ByteSource?
+
+  /// Reads from `descriptor` (a pipe, standard input), which the caller keeps open while
+  /// this reads.
   public init(descriptor: Int32, name: String) {
     self.descriptor = descriptor
     self.name = name
+    self.source = nil
+    buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 256 << 10, alignment: 4096)
+  }
+
+  /// Reads `source` from its start to its end, as if it came through a pipe.
+  public init(source: ByteSource) {
+    self.descriptor = -1
+    self.name = source.name
+    self.source = source
     buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 256 << 10, alignment: 4096)
   }
 
@@ -62,11 +74,16 @@ public final class StreamInput {
   }
 
   private func readSome(into target: UnsafeMutableRawPointer, count: Int, at streamOffset: Int64) throws -> Int {
+    if let source {
+      let n = try source.read(into: UnsafeMutableRawBufferPointer(start: target, count: count), at: streamOffset)
+      if n == 0 { atEnd = true }
+      return n
+    }
     while true {
       let n = Glibc.read(descriptor, target, count)
       if n < 0 {
         if errno == EINTR { continue }
-        throw ImageError.system(path: name, operation: "read the stream at stream offset \(streamOffset)", errno: errno)
+        throw ImageError.system(path: name, operation: "read at stream offset \(streamOffset)", errno: errno)
       }
       if n == 0 { atEnd = true }
       return n

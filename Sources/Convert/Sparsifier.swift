@@ -5,15 +5,15 @@ import DiskImage
 #endif
 
 /// What `sparsify` did.
-struct SparsifyStatistics {
+public struct SparsifyStatistics: Equatable {
   /// Bytes of data extents read and checked.
-  var bytesScanned: Int64 = 0
+  public var bytesScanned: Int64 = 0
   /// Bytes of the file turned into holes.
-  var bytesPunched: Int64 = 0
+  public var bytesPunched: Int64 = 0
   /// Hole-punching calls made (merged runs of zero blocks).
-  var holesPunched = 0
-  var allocatedBefore: Int64 = 0
-  var allocatedAfter: Int64 = 0
+  public var holesPunched = 0
+  public var allocatedBefore: Int64 = 0
+  public var allocatedAfter: Int64 = 0
 }
 
 /// Digs holes in a raw file in place, like `fallocate --dig-holes`: reads only the file's
@@ -24,14 +24,52 @@ struct SparsifyStatistics {
 ///
 /// Punches are trimmed to whole file-system blocks: a partial block cannot be freed, and
 /// punching it would only write zeros over zeros.
-struct Sparsifier {
-  let file: ImageFile
-  let blockSize: Int
-  var chunkSize = 8 << 20
+public struct Sparsifier {
+  public let file: ImageFile
+  public let blockSize: Int
+  public var chunkSize = 8 << 20
 
-  func run() throws -> SparsifyStatistics {
+  public init(file: ImageFile, blockSize: Int) {
+    self.file = file
+    self.blockSize = blockSize
+  }
+
+  /// Opens the image at `path` for sparsifying in place, after deciding on a read-only
+  /// descriptor that it is a regular file of a format that is the disk byte for byte: an
+  /// image of any other format is never opened for writing.
+  public static func open(_ path: String, format: String?, blockSize: Int, registry: FormatRegistry) throws -> Sparsifier {
+    let reading = try ImageFile.openForReading(path)
+    guard (try reading.status().st_mode & S_IFMT) == S_IFREG else {
+      throw ImageError.usage(path: path, "is not a regular file; sparsify punches holes in raw image files")
+    }
+    let found = try registry.format(of: reading, named: format)
+    guard found.capabilities.contains(.sparsifyInPlace) else {
+      let inPlace = registry.formats(with: .sparsifyInPlace).map(\.name).joined(separator: ", ")
+      // Convert it to its own format where lacuna writes that format in place of a file,
+      // else to one that can be sparsified.
+      let writable = found.create != nil && !found.capabilities.contains(.sequentialOutput)
+      let suggestion = writable ? found.name : (registry.formats(with: .sparsifyInPlace).first?.name ?? "raw")
+      throw ImageError.usage(
+        path: path,
+        "is a \(found.name) image; sparsify works on \(inPlace) images in place. To drop its zero blocks, convert it: "
+          + "lacuna convert -O \(suggestion) \(path) NEW, then move NEW over it")
+    }
+    let descriptor = Glibc.open(path, O_RDWR | O_CLOEXEC)
+    guard descriptor >= 0 else {
+      throw ImageError.system(path: path, operation: "open for writing", errno: errno)
+    }
+    let file = ImageFile.adoptWritable(descriptor: descriptor, path: path)
+    guard try file.identity() == reading.identity() else {
+      throw ImageError.usage(path: path, "the file changed while being opened; try again")
+    }
+    reading.close()
+    return Sparsifier(file: file, blockSize: blockSize)
+  }
+
+  /// Punches the holes, fsyncs, and returns what was done.
+  public func run() throws -> SparsifyStatistics {
     var statistics = SparsifyStatistics()
-    statistics.allocatedBefore = try file.allocatedSize()
+    statistics.allocatedBefore = try file.allocatedSize() ?? 0
     let size = try file.size()
     let fileSystemBlock = Int64(max(512, Int(try file.status().st_blksize)))
     let extents = try file.dataRanges(in: 0..<size) ?? [0..<size]
@@ -90,7 +128,7 @@ struct Sparsifier {
     }
     try punchPending()
     try file.synchronize()
-    statistics.allocatedAfter = try file.allocatedSize()
+    statistics.allocatedAfter = try file.allocatedSize() ?? 0
     return statistics
   }
 }

@@ -1,0 +1,38 @@
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// The one lock of the project: a `pthread_mutex_t` with a condition variable, kept at
+/// fixed addresses. `withLock` for mutual exclusion; `wait`/`broadcast` (with the lock
+/// held) for the threads that hand work to each other.
+public final class Lock: @unchecked Sendable {
+  private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+  private let condition: UnsafeMutablePointer<pthread_cond_t>
+
+  public init() {
+    mutex = .allocate(capacity: 1)
+    pthread_mutex_init(mutex, nil)
+    condition = .allocate(capacity: 1)
+    pthread_cond_init(condition, nil)
+  }
+
+  deinit {
+    pthread_cond_destroy(condition)
+    condition.deallocate()
+    pthread_mutex_destroy(mutex)
+    mutex.deallocate()
+  }
+
+  public func withLock<T>(_ body: () throws -> T) rethrows -> T {
+    pthread_mutex_lock(mutex)
+    defer { pthread_mutex_unlock(mutex) }
+    return try body()
+  }
+
+  /// Waits for a `broadcast`; call only inside `withLock`. Wake-ups may be spurious: wait
+  /// in a loop on the condition that matters.
+  public func wait() { pthread_cond_wait(condition, mutex) }
+
+  /// Wakes every thread waiting in `wait`.
+  public func broadcast() { pthread_cond_broadcast(condition) }
+}
