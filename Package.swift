@@ -44,6 +44,6 @@ let package = Package(
       name: "ConvertTests", dependencies: ["Convert", "DiskImage", "Raw", "QCOW2"],
       path: "Tests/ConvertTests"),
     .testTarget(name: "LacunaTests", dependencies: ["lacuna"], path: "Tests/LacunaTests"),
-    .testTarget(name: "StreamTests", dependencies: ["Stream", "DiskImage", "Raw", "CZlib"], path: "Tests/StreamTests"),
+    .testTarget(name: "StreamTests", dependencies: ["Stream", "DiskImage", "Convert", "Raw", "CZlib"], path: "Tests/StreamTests"),
   ]
 )

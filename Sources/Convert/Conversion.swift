@@ -147,10 +147,10 @@ public final class Conversion {
     }
     let source = try resolver.openSource(request.source)
     let format = try registry.format(of: source, named: request.sourceFormat)
-    if format.open == nil, let openSequential = format.openSequential {
+    if format.openReader == nil, let openSequential = format.openSequential {
       return .sequential(try openSequential(SequentialInput(source: source)))
     }
-    let top = try format.openImage(source)
+    let top = try format.open(source)
     return .chain(try resolver.openChain(above: top, name: request.source, backingFormat: request.sourceBackingFormat))
   }
 

@@ -240,7 +240,14 @@ public final class Converter {
     var done: Int64 = 0
 
     func writeRuns(_ runs: [Run], from filled: FilledUnit?) throws {
+      // Zero runs that touch become one call, whether the map or a scan found them.
+      var zeros: Range<Int64>?
+      func flushZeros() throws {
+        if let range = zeros { try writer.writeZeroes(range) }
+        zeros = nil
+      }
       for run in runs {
+        if run.kind != .zero { try flushZeros() }
         switch run.kind {
         case .data:
           let unit = filled!
@@ -251,7 +258,12 @@ public final class Converter {
             rebasing: unit.buffer[Int(run.range.lowerBound - unit.start)..<Int(run.range.upperBound - unit.start)])
           try writer.write(slice, at: run.range.lowerBound)
         case .zero:
-          try writer.writeZeroes(run.range)
+          if let open = zeros, open.upperBound == run.range.lowerBound {
+            zeros = open.lowerBound..<run.range.upperBound
+          } else {
+            try flushZeros()
+            zeros = run.range
+          }
           if run.scanned { statistics.zeroBytesSkipped += Int64(run.range.count) } else {
             statistics.holeBytes += Int64(run.range.count)
           }
@@ -260,6 +272,7 @@ public final class Converter {
         }
         done += Int64(run.range.count)
       }
+      try flushZeros()
       if let prepared = filled?.prepared { try (writer as! PreparingImageWriter).commit(prepared) }
       options.progress?(done, total)
     }

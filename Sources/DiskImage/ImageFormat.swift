@@ -28,7 +28,7 @@ public struct ImageFormat {
   public var capabilities: FormatCapabilities
   /// Opens an image of this format for random access; nil for formats that can only be
   /// read from start to end.
-  public var open: ((_ source: ByteSource) throws -> ImageReader)?
+  public var openReader: ((_ source: ByteSource) throws -> ImageReader)?
   /// Opens an image of this format that is read from start to end (from a pipe); nil for
   /// formats that need random access.
   public var openSequential: ((_ input: SequentialInput) throws -> SequentialImageReader)?
@@ -47,14 +47,14 @@ public struct ImageFormat {
     self.probeLength = probeLength
     self.probe = probe
     self.capabilities = capabilities
-    self.open = open
+    self.openReader = open
     self.openSequential = openSequential
     self.create = create
   }
 
   /// Opens `source` as this format for random access, or says why it cannot be.
-  public func openImage(_ source: ByteSource) throws -> ImageReader {
-    guard let open else {
+  public func open(_ source: ByteSource) throws -> ImageReader {
+    guard let open = openReader else {
       throw ImageError.usage(
         path: source.name,
         "is a \(name) image, which is read from start to end: use `lacuna convert -f \(name) \(source.name) OUTPUT`")
@@ -117,6 +117,6 @@ public struct FormatRegistry {
 
   /// Opens `source` for random access as `formatName`, or probes when it is nil.
   public func open(_ source: ByteSource, format formatName: String?) throws -> ImageReader {
-    try format(of: source, named: formatName).openImage(source)
+    try format(of: source, named: formatName).open(source)
   }
 }

@@ -17,8 +17,12 @@ final class PlanTests: XCTestCase {
     }
   }
 
+  func items(_ extents: [LayeredExtent], unit: Int64, granularity: Int64, writeZeroBlocks: Bool) -> [Converter.Item] {
+    Converter.items(Converter.plan(extents, writeZeroBlocks: writeZeroBlocks), unit: unit, granularity: granularity)
+  }
+
   func testDataChunksBecomeWholeChunkUnitsAndHolesStayRuns() {
-    let items = Converter.items(
+    let items = items(
       [extent(0..<150, .zero), extent(150..<160, .data), extent(160..<1000, .zero)],
       unit: 100, granularity: 1, writeZeroBlocks: false)
     XCTAssertEqual(
@@ -27,18 +31,18 @@ final class PlanTests: XCTestCase {
   }
 
   func testHugeHolesCostOneRun() {
-    let items = Converter.items([extent(0..<(1 << 40), .zero)], unit: 2 << 20, granularity: 1, writeZeroBlocks: false)
+    let items = items([extent(0..<(1 << 40), .zero)], unit: 2 << 20, granularity: 1, writeZeroBlocks: false)
     XCTAssertEqual(describe(items), ["runs zero0-\(1 << 40)"])
   }
 
   func testWriteZeroBlocksTurnsZerosIntoData() {
-    let items = Converter.items([extent(0..<100, .zero)], unit: 100, granularity: 1, writeZeroBlocks: true)
-    XCTAssertEqual(describe(items), ["unit layer(-1)0-100"])
+    let items = items([extent(0..<100, .zero)], unit: 100, granularity: 1, writeZeroBlocks: true)
+    XCTAssertEqual(describe(items), ["unit zeroFilled0-100"])
   }
 
   /// A cluster cannot be half the backing file's and half the output's.
   func testMixedGranulesReadTheBackingPart() {
-    let items = Converter.items(
+    let items = items(
       [extent(0..<30, .unallocated), extent(30..<40, .data), extent(40..<100, .unallocated)],
       unit: 100, granularity: 20, writeZeroBlocks: false)
     XCTAssertEqual(describe(items), ["unit backing0-20,chain20-30,layer(0)30-40,backing40-100"])

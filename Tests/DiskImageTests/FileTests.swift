@@ -36,7 +36,7 @@ final class FileTests: XCTestCase {
 
   func testRawExtentsFollowTheFileSystem() throws {
     let file = try makeFile("a.img", size: 10 << 20, data: [(1 << 20, 4096), (4 << 20, 65536)])
-    let reader = try RawReader(file: ImageFile.openForReading(file))
+    let reader = try RawReader(source: ImageFile.openForReading(file))
     XCTAssertEqual(reader.virtualSize, 10 << 20)
     let extents = try reader.allExtents(in: 0..<reader.virtualSize)
     XCTAssertEqual(

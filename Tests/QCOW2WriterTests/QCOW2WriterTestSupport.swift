@@ -137,10 +137,10 @@ class WriterTestCase: XCTestCase {
     _ chain: Chain, to destination: String, options: WriterOptions, threads: Int = 2, stopDepth: Int? = nil
   ) throws -> ConvertStatistics {
     let output = try OutputFile(creatingBeside: destination)
-    let writer = try QCOW2Writer.create(output: output, virtualSize: chain.virtualSize, options: options)
+    let writer = try QCOW2Writer.create(target: output, virtualSize: chain.virtualSize, options: options)
     var convertOptions = ConvertOptions()
     convertOptions.threads = threads
-    convertOptions.stopDepth = stopDepth
+    convertOptions.backing = stopDepth.map { .chainLayer($0) } ?? .none
     return try Converter(chain: chain, writer: writer, options: convertOptions).run()
   }
 

@@ -31,7 +31,7 @@ final class QCOW2WriterTests: WriterTestCase {
       try convert(source, to: output, options: WriterOptions(options: ["cluster_size": size]))
       try assertClean(output)
       try assertSameContent(source, output)
-      let bytes = try XCTUnwrap(QCOW2Writer.Settings.parseSize(size))
+      let bytes = Int(try XCTUnwrap(parseByteSize(size)))
       try assertAllocation(output, source: source, clusterSize: bytes)
     }
   }
@@ -71,7 +71,7 @@ final class QCOW2WriterTests: WriterTestCase {
         let info = try qemuImg(["info", output]).output
         XCTAssertTrue(info.contains("compression type: \(type)"), info)
         try assertAllocation(
-          output, source: source, clusterSize: QCOW2Writer.Settings.parseSize(clusterSize)!)
+          output, source: source, clusterSize: Int(parseByteSize(clusterSize)!))
       }
     }
   }
@@ -232,7 +232,7 @@ final class QCOW2WriterTests: WriterTestCase {
     for options in refused {
       let output = try OutputFile(creatingBeside: destination)
       defer { output.abandon() }
-      XCTAssertThrowsError(try QCOW2Writer.create(output: output, virtualSize: 1 << 30, options: options)) { error in
+      XCTAssertThrowsError(try QCOW2Writer.create(target: output, virtualSize: 1 << 30, options: options)) { error in
         guard case ImageError.usage = error else { return XCTFail("\(options.options): \(error)") }
       }
     }
@@ -240,7 +240,7 @@ final class QCOW2WriterTests: WriterTestCase {
     let output = try OutputFile(creatingBeside: destination)
     defer { output.abandon() }
     XCTAssertThrowsError(
-      try QCOW2Writer.create(output: output, virtualSize: 16 << 40, options: WriterOptions(options: ["cluster_size": "512"])))
+      try QCOW2Writer.create(target: output, virtualSize: 16 << 40, options: WriterOptions(options: ["cluster_size": "512"])))
     XCTAssertFalse(FileManager.default.fileExists(atPath: destination))
   }
 
@@ -251,10 +251,10 @@ final class QCOW2WriterTests: WriterTestCase {
     XCTAssertEqual(settings.clusterBits, 21)
     XCTAssertEqual(settings.refcountOrder, 5)
     XCTAssertEqual(settings.compressionType, .zstd)
-    XCTAssertEqual(QCOW2Writer.Settings.parseSize("64k"), 65536)
-    XCTAssertEqual(QCOW2Writer.Settings.parseSize("512"), 512)
-    XCTAssertNil(QCOW2Writer.Settings.parseSize("k"))
-    XCTAssertNil(QCOW2Writer.Settings.parseSize("-1"))
+    XCTAssertEqual(parseByteSize("64k"), 65536)
+    XCTAssertEqual(parseByteSize("512"), 512)
+    XCTAssertNil(parseByteSize("k"))
+    XCTAssertNil(parseByteSize("-1"))
   }
 
   func testRefcountStructuresCountThemselves() {
@@ -295,7 +295,7 @@ final class QCOW2WriterEdgeTests: WriterTestCase {
     let destination = path("reload.qcow2")
     let output = try OutputFile(creatingBeside: destination)
     let size: Int64 = 256 << 20
-    let writer = try QCOW2Writer.create(output: output, virtualSize: size, options: WriterOptions(options: ["cluster_size": "4k"]))
+    let writer = try QCOW2Writer.create(target: output, virtualSize: size, options: WriterOptions(options: ["cluster_size": "4k"]))
     let a = [UInt8](repeating: 0xaa, count: 4096)
     let b = [UInt8](repeating: 0xbb, count: 1000)
     let c = [UInt8](repeating: 0xcc, count: 4096)
@@ -321,7 +321,7 @@ final class QCOW2WriterEdgeTests: WriterTestCase {
     let destination = path("order.qcow2")
     let output = try OutputFile(creatingBeside: destination)
     let writer = try QCOW2Writer.create(
-      output: output, virtualSize: 64 << 20, options: WriterOptions(options: ["cluster_size": "4k"]))
+      target: output, virtualSize: 64 << 20, options: WriterOptions(options: ["cluster_size": "4k"]))
     let data = [UInt8](repeating: 0x5a, count: 8192)
     try data.withUnsafeBytes { try writer.write($0, at: 0) }
     try data.withUnsafeBytes { try writer.write($0, at: 40 << 20) }  // the first L2 table goes out early

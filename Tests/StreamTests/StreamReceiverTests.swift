@@ -1,3 +1,4 @@
+import Convert
 import DiskImage
 import Foundation
 import Raw
@@ -60,15 +61,19 @@ final class StreamReceiverTests: XCTestCase {
     return [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
   }
 
-  /// Feeds `stream` through a pipe to a receiver into a RecordingWriter.
+  /// Feeds `stream` from a file to a receiver, through the engine, into a RecordingWriter.
   func receive(_ stream: [UInt8], sparseSize: Int = 4096, granularity: Int = 1) throws -> RecordingWriter {
     let path = directory.appendingPathComponent("in.stream").path
     try Data(stream).write(to: URL(fileURLWithPath: path))
     let file = try ImageFile.openForReading(path)
-    let receiver = try StreamReceiver(input: StreamInput(descriptor: file.descriptor, name: "in.stream"))
+    defer { file.close() }
+    let receiver = try StreamReceiver(input: SequentialInput(descriptor: file.descriptor, name: "in.stream"))
     let writer = RecordingWriter(size: Int(receiver.virtualSize), granularity: granularity)
+    var options = ConvertOptions()
+    options.sparseSize = sparseSize
+    options.unitSize = 64 << 10
     do {
-      try receiver.run(into: writer, sparseSize: sparseSize, unitSize: 64 << 10)
+      try Converter(input: .sequential(receiver), writer: writer, options: options).run()
     } catch {
       XCTAssertEqual(writer.calls.last, .abandon, "a failed receive abandons the writer")
       XCTAssertFalse(writer.calls.contains(.finish))
