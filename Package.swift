@@ -34,16 +34,20 @@ let package = Package(
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
       ],
       path: "Sources/lacuna"),
-    .testTarget(name: "DiskImageTests", dependencies: ["DiskImage", "Raw"], path: "Tests/DiskImageTests"),
-    .testTarget(name: "CompressionTests", dependencies: ["Compression"], path: "Tests/CompressionTests"),
-    .testTarget(name: "QCOW2Tests", dependencies: ["QCOW2", "DiskImage"], path: "Tests/QCOW2Tests"),
+    // Helpers shared by the test targets: running programs, qemu, temporary folders, fixtures.
+    .target(name: "TestSupport", dependencies: [], path: "Tests/TestSupport"),
+    .testTarget(name: "DiskImageTests", dependencies: ["DiskImage", "Raw", "TestSupport"], path: "Tests/DiskImageTests"),
+    .testTarget(name: "CompressionTests", dependencies: ["Compression", "TestSupport"], path: "Tests/CompressionTests"),
+    .testTarget(name: "QCOW2Tests", dependencies: ["QCOW2", "DiskImage", "TestSupport"], path: "Tests/QCOW2Tests"),
     .testTarget(
-      name: "QCOW2WriterTests", dependencies: ["QCOW2", "DiskImage", "Convert", "Raw"],
+      name: "QCOW2WriterTests", dependencies: ["QCOW2", "DiskImage", "Convert", "Raw", "TestSupport"],
       path: "Tests/QCOW2WriterTests"),
     .testTarget(
-      name: "ConvertTests", dependencies: ["Convert", "DiskImage", "Raw", "QCOW2"],
+      name: "ConvertTests", dependencies: ["Convert", "DiskImage", "Raw", "QCOW2", "TestSupport"],
       path: "Tests/ConvertTests"),
-    .testTarget(name: "LacunaTests", dependencies: ["lacuna"], path: "Tests/LacunaTests"),
-    .testTarget(name: "StreamTests", dependencies: ["Stream", "DiskImage", "Convert", "Raw", "CZlib"], path: "Tests/StreamTests"),
+    .testTarget(name: "LacunaTests", dependencies: ["lacuna", "TestSupport"], path: "Tests/LacunaTests"),
+    .testTarget(
+      name: "StreamTests", dependencies: ["Stream", "DiskImage", "Convert", "Raw", "CZlib", "TestSupport"],
+      path: "Tests/StreamTests"),
   ]
 )

@@ -1,6 +1,7 @@
 import DiskImage
 import Foundation
 import Raw
+import TestSupport
 import XCTest
 
 #if canImport(Glibc)
@@ -12,12 +13,7 @@ final class FileTests: XCTestCase {
   var directory: URL!
 
   override func setUpWithError() throws {
-    directory = FileManager.default.temporaryDirectory.appendingPathComponent("lacuna-file-\(UUID().uuidString)")
-    try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-  }
-
-  override func tearDownWithError() throws {
-    try? FileManager.default.removeItem(at: directory)
+    directory = try temporaryDirectory(self)
   }
 
   func path(_ name: String) -> String { directory.appendingPathComponent(name).path }

@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import XCTest
 
 #if canImport(Glibc)
@@ -231,7 +232,7 @@ final class HostileInputTests: XCTestCase {
       outcome.stderr,
       "lacuna: \(input.path): the image is marked corrupt (incompatible bit 1); reading it anyway, check the result\n")
     let (clean, _) = try runLacunaBounded(
-      ["convert", "-O", "raw", hostileFixturesDirectory.appendingPathComponent("v3-64k.qcow2").path,
+      ["convert", "-O", "raw", fixturesDirectory.appendingPathComponent("v3-64k.qcow2").path,
         work.appendingPathComponent("clean.raw").path])
     XCTAssertEqual(clean.status, 0, clean.stderr)
     XCTAssertTrue(try sameContent(work.appendingPathComponent("out.raw").path, work.appendingPathComponent("clean.raw").path))
@@ -244,7 +245,7 @@ final class HostileInputTests: XCTestCase {
     let work = try temporaryDirectory(self)
     let input = work.appendingPathComponent("dirty.qcow2").path
     try FileManager.default.copyItem(
-      atPath: hostileFixturesDirectory.appendingPathComponent("dirty.qcow2").path, toPath: input)
+      atPath: fixturesDirectory.appendingPathComponent("dirty.qcow2").path, toPath: input)
     let before = try Data(contentsOf: URL(fileURLWithPath: input))
     var beforeStatus = stat()
     stat(input, &beforeStatus)

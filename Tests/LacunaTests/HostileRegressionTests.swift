@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import XCTest
 
 /// Every input in Fixtures/regressions/ (inputs that once crashed the reader) converted by
@@ -6,7 +7,7 @@ import XCTest
 /// crash or a hang, and nothing left behind on failure.
 final class HostileRegressionTests: XCTestCase {
   func testRegressionFixturesConvertOrAreRefused() throws {
-    let directory = hostileFixturesDirectory.appendingPathComponent("regressions")
+    let directory = fixturesDirectory.appendingPathComponent("regressions")
     let names = try FileManager.default.contentsOfDirectory(atPath: directory.path)
       .filter { $0.hasSuffix(".qcow2") }.sorted()
     XCTAssertFalse(names.isEmpty)

@@ -1,14 +1,10 @@
 import Foundation
+import TestSupport
 import XCTest
 
 #if canImport(Glibc)
   import Glibc
 #endif
-
-/// The folder of fixture images, found from this file's path.
-let hostileFixturesDirectory: URL = URL(fileURLWithPath: #filePath)
-  .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-  .appendingPathComponent("Fixtures")
 
 /// A copy of an image in memory whose big-endian fields a test changes before writing it out.
 /// Offsets follow qemu's docs/interop/qcow2.txt.
@@ -16,7 +12,7 @@ struct PatchableImage {
   var bytes: [UInt8]
 
   init(fixture name: String) throws {
-    bytes = [UInt8](try Data(contentsOf: hostileFixturesDirectory.appendingPathComponent(name)))
+    bytes = [UInt8](try Data(contentsOf: fixturesDirectory.appendingPathComponent(name)))
   }
 
   init(bytes: [UInt8]) { self.bytes = bytes }
@@ -189,38 +185,20 @@ func runLacunaBounded(
   if !environment.isEmpty {
     process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
   }
-  let out = Pipe()
-  let err = Pipe()
-  process.standardOutput = out
-  process.standardError = err
-  try process.run()
   final class Flag: @unchecked Sendable { var value = false }
   let timedOut = Flag()
-  let pid = process.processIdentifier
-  let watchdog = DispatchWorkItem {
-    timedOut.value = true
-    kill(pid, SIGKILL)
+  var watchdog: DispatchWorkItem?
+  let outcome = try runToCompletion(process) { process in
+    let pid = process.processIdentifier
+    let item = DispatchWorkItem {
+      timedOut.value = true
+      kill(pid, SIGKILL)
+    }
+    DispatchQueue.global().asyncAfter(deadline: .now() + seconds, execute: item)
+    watchdog = item
   }
-  DispatchQueue.global().asyncAfter(deadline: .now() + seconds, execute: watchdog)
-  final class Box: @unchecked Sendable { var data = Data() }
-  let stdoutBox = Box()
-  let group = DispatchGroup()
-  group.enter()
-  DispatchQueue.global().async {
-    stdoutBox.data = out.fileHandleForReading.readDataToEndOfFile()
-    group.leave()
-  }
-  let stderrData = err.fileHandleForReading.readDataToEndOfFile()
-  group.wait()
-  process.waitUntilExit()
-  watchdog.cancel()
-  let signaled = process.terminationReason == .uncaughtSignal
-  return (
-    Outcome(
-      status: process.terminationStatus, stdout: String(decoding: stdoutBox.data, as: UTF8.self),
-      stderr: String(decoding: stderrData, as: UTF8.self), signal: signaled ? process.terminationStatus : nil),
-    timedOut.value
-  )
+  watchdog?.cancel()
+  return (outcome, timedOut.value)
 }
 
 /// Every regular file in a directory with its bytes, to check that inputs stay unchanged.

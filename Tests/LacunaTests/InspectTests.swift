@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import XCTest
 
 /// `info`, `map`, probing and the CLI's own surface.

@@ -2,6 +2,7 @@ import Compression
 import DiskImage
 import Foundation
 import QCOW2
+import TestSupport
 import XCTest
 
 /// A small valid qcow2 v3 image written out byte by byte, with 512-byte clusters:
@@ -80,7 +81,7 @@ struct HandMadeImage {
 final class DamagedImageTests: XCTestCase {
   private var directory: URL!
 
-  override func setUpWithError() throws { directory = try temporaryDirectory(for: self) }
+  override func setUpWithError() throws { directory = try temporaryDirectory(self) }
 
   private func open(_ image: HandMadeImage) throws -> ImageReader {
     try openQCOW2(image.write(in: directory))
@@ -109,7 +110,7 @@ final class DamagedImageTests: XCTestCase {
       [Extent(0..<512, .data, hostOffset: 0xa00), Extent(512..<32768, .unallocated)])
     let content = try readAll(reader)
     XCTAssertEqual(content, [UInt8](repeating: 0x5a, count: 512) + [UInt8](repeating: 0, count: 32768 - 512))
-    if Qemu.executable("qemu-img") != nil {
+    if which("qemu-img") != nil {
       let path = try image.write(in: directory)
       try Qemu.run("qemu-img", ["check", path])
       XCTAssertEqual(try Qemu.rawContent(of: path, in: directory), content)
@@ -329,7 +330,7 @@ final class DamagedImageTests: XCTestCase {
       XCTAssertEqual(try reader.allExtents(in: 0..<32768), [Extent(0..<512, .data), Extent(512..<32768, .unallocated)])
       XCTAssertEqual(Array(try readAll(reader).prefix(512)), pattern(), "\(type)")
       XCTAssertEqual(Array(try readAll(reader, chunk: 100).prefix(512)), pattern(), "\(type)")
-      if Qemu.executable("qemu-img") != nil {
+      if which("qemu-img") != nil {
         // qemu reads what our codec wrote: the writer can rely on it.
         let path = try image.write(in: directory)
         XCTAssertEqual(Array(try Qemu.rawContent(of: path, in: directory).prefix(512)), pattern(), "\(type)")

@@ -1,6 +1,7 @@
 import DiskImage
 import Foundation
 import QCOW2
+import TestSupport
 import XCTest
 
 /// Every qcow2 fixture, read by us and by qemu-img, byte for byte and extent for extent.
@@ -13,7 +14,7 @@ final class FixtureTests: XCTestCase {
   ]
 
   func testContentMatchesQemu() throws {
-    let directory = try temporaryDirectory(for: self)
+    let directory = try temporaryDirectory(self)
     for name in Self.qcow2Fixtures {
       let path = fixturePath(name)
       let expected = try Qemu.rawContent(of: path, in: directory)

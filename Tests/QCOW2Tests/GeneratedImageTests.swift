@@ -1,12 +1,13 @@
 import DiskImage
 import Foundation
+import TestSupport
 import XCTest
 
 /// Images too large for the Fixtures folder (git keeps no holes), made with qemu-img at
 /// test time in a temporary directory and judged by qemu-img.
 final class GeneratedImageTests: XCTestCase {
   private func makeImage(_ name: String, create: [String], writes: [String]) throws -> String {
-    let directory = try temporaryDirectory(for: self)
+    let directory = try temporaryDirectory(self)
     let path = directory.appendingPathComponent(name).path
     try Qemu.run("qemu-img", ["create", "-q", "-f", "qcow2"] + create.dropLast() + [path, create.last!])
     if !writes.isEmpty {
@@ -77,7 +78,7 @@ final class GeneratedImageTests: XCTestCase {
   }
 
   func testConvertCompressedZstdWith64KiBClusters() throws {
-    let directory = try temporaryDirectory(for: self)
+    let directory = try temporaryDirectory(self)
     let path = directory.appendingPathComponent("zstd.qcow2").path
     try Qemu.run(
       "qemu-img",

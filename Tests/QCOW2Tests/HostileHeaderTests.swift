@@ -1,5 +1,6 @@
 import DiskImage
 import Foundation
+import TestSupport
 import XCTest
 
 /// Header fields checked for issue 6 beyond DamagedImageTests: the refcount and snapshot
@@ -8,7 +9,7 @@ import XCTest
 final class HostileHeaderTests: XCTestCase {
   private var directory: URL!
 
-  override func setUpWithError() throws { directory = try temporaryDirectory(for: self) }
+  override func setUpWithError() throws { directory = try temporaryDirectory(self) }
 
   private func openAndReadAll(_ image: HandMadeImage) throws {
     let reader = try openQCOW2(image.write(in: directory))

@@ -1,5 +1,6 @@
 import DiskImage
 import Foundation
+import TestSupport
 import XCTest
 
 /// Real images with a few bytes changed at random (a fixed seed, so failures repeat): the
@@ -17,7 +18,7 @@ final class MutationTests: XCTestCase {
   }
 
   func testRandomByteChangesNeverCrash() throws {
-    let directory = try temporaryDirectory(for: self)
+    let directory = try temporaryDirectory(self)
     var random = XorShift(state: 0x2545_F491_4F6C_DD1D)
     var opened = 0
     var refused = 0

@@ -1,54 +1,26 @@
 import DiskImage
 import Foundation
 import QCOW2
+import TestSupport
 import XCTest
-
-/// The folder of fixture images, found from this file's path.
-let fixturesDirectory: URL = URL(fileURLWithPath: #filePath)
-  .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-  .appendingPathComponent("Fixtures")
-
-func fixturePath(_ name: String) -> String { fixturesDirectory.appendingPathComponent(name).path }
 
 /// Runs qemu-img and qemu-io, the judges of what an image holds. Tests that need them skip
 /// with a message when they are not installed.
 enum Qemu {
-  static func executable(_ name: String) -> String? {
-    let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
-    for directory in path.split(separator: ":") {
-      let candidate = "\(directory)/\(name)"
-      if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
-    }
-    return nil
-  }
-
   static func require(_ name: String = "qemu-img") throws -> String {
-    guard let path = executable(name) else {
-      print("skipping: \(name) is not installed")
-      throw XCTSkip("\(name) is not installed")
-    }
-    return path
+    if which(name) == nil { print("skipping: \(name) is not installed") }
+    return try requireProgram(name)
   }
 
   /// Runs a qemu tool; returns its standard output, fails the test on a non-zero exit.
   @discardableResult
   static func run(_ tool: String, _ arguments: [String], file: StaticString = #filePath, line: UInt = #line) throws -> Data {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: try require(tool))
-    process.arguments = arguments
-    let output = Pipe()
-    let errors = Pipe()
-    process.standardOutput = output
-    process.standardError = errors
-    try process.run()
-    let data = output.fileHandleForReading.readDataToEndOfFile()
-    let errorText = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    process.waitUntilExit()
-    guard process.terminationStatus == 0 else {
-      XCTFail("\(tool) \(arguments.joined(separator: " ")) failed: \(errorText)", file: file, line: line)
+    let outcome = try runProgram(try require(tool), arguments)
+    guard outcome.status == 0 else {
+      XCTFail("\(tool) \(arguments.joined(separator: " ")) failed: \(outcome.stderr)", file: file, line: line)
       throw CocoaError(.fileReadUnknown)
     }
-    return data
+    return Data(outcome.stdout.utf8)
   }
 
   /// A qemu image spec that opens `path` as qcow2 without its backing file, so qemu
@@ -126,14 +98,6 @@ func mapEntries(_ extents: [Extent]) -> [Qemu.MapEntry] {
       start: extent.range.lowerBound, length: extent.length, present: extent.kind != .unallocated,
       zero: extent.kind != .data, data: extent.kind == .data, offset: extent.hostOffset)
   }
-}
-
-/// A fresh temporary directory, removed when the test ends.
-func temporaryDirectory(for test: XCTestCase) throws -> URL {
-  let url = FileManager.default.temporaryDirectory.appendingPathComponent("qcow2-tests-" + UUID().uuidString)
-  try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
-  test.addTeardownBlock { try? FileManager.default.removeItem(at: url) }
-  return url
 }
 
 func openQCOW2(_ path: String) throws -> ImageReader {

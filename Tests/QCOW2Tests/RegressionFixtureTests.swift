@@ -1,5 +1,6 @@
 import DiskImage
 import Foundation
+import TestSupport
 import XCTest
 
 /// Inputs that once crashed the reader (found by script/fuzz, or made by hand beside such a

@@ -3,6 +3,7 @@ import DiskImage
 import Foundation
 import QCOW2
 import Raw
+import TestSupport
 import XCTest
 
 #if canImport(Glibc)
@@ -42,37 +43,21 @@ class WriterTestCase: XCTestCase {
   var directory = ""
 
   override func setUpWithError() throws {
-    directory = NSTemporaryDirectory() + "qcow2-writer-" + UUID().uuidString
-    try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-  }
-
-  override func tearDownWithError() throws {
-    try? FileManager.default.removeItem(atPath: directory)
+    directory = try temporaryDirectory(self).path
   }
 
   func path(_ name: String) -> String { directory + "/" + name }
 
   /// The path of a qemu tool, or a skip when it is not installed.
   func tool(_ name: String) throws -> String {
-    for dir in ["/usr/bin", "/usr/local/bin", "/opt/homebrew/bin"] where FileManager.default.isExecutableFile(atPath: dir + "/" + name) {
-      return dir + "/" + name
-    }
-    throw XCTSkip("\(name) is not installed; this test needs it as the judge")
+    try requireProgram(name, skipping: "\(name) is not installed; this test needs it as the judge")
   }
 
-  /// Runs a program; returns its exit status and its standard output and error together.
+  /// Runs a program; returns its exit status and its standard output followed by its errors.
   @discardableResult
   func run(_ executable: String, _ arguments: [String]) throws -> (status: Int32, output: String) {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: executable)
-    process.arguments = arguments
-    let pipe = Pipe()
-    process.standardOutput = pipe
-    process.standardError = pipe
-    try process.run()
-    let data = pipe.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    return (process.terminationStatus, String(decoding: data, as: UTF8.self))
+    let outcome = try runProgram(executable, arguments)
+    return (outcome.status, outcome.stdout + outcome.stderr)
   }
 
   @discardableResult

@@ -2,6 +2,7 @@ import Convert
 import DiskImage
 import Foundation
 import Raw
+import TestSupport
 import XCTest
 
 @testable import Stream
@@ -41,11 +42,8 @@ final class StreamReceiverTests: XCTestCase {
   var directory: URL!
 
   override func setUpWithError() throws {
-    directory = FileManager.default.temporaryDirectory.appendingPathComponent("lacuna-stream-\(UUID().uuidString)")
-    try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+    directory = try temporaryDirectory(self)
   }
-
-  override func tearDownWithError() throws { try? FileManager.default.removeItem(at: directory) }
 
   /// Drives a SparseStreamWriter with `calls` and returns the stream's bytes.
   func makeStream(size: Int64, _ calls: [(Range<Int64>, [UInt8]?)]) throws -> [UInt8] {
