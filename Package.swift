@@ -34,6 +34,11 @@ let package = Package(
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
       ],
       path: "Sources/lacuna"),
+    // The fuzz harness (Fuzz/, script/fuzz). Every build links it as a replayer of inputs,
+    // so it cannot rot; script/fuzz builds it with -DFUZZING and libFuzzer.
+    .executableTarget(
+      name: "lacuna-fuzz", dependencies: ["DiskImage", "QCOW2", "Raw"],
+      path: "Fuzz"),
     .testTarget(name: "DiskImageTests", dependencies: ["DiskImage", "Raw"], path: "Tests/DiskImageTests"),
     .testTarget(name: "CompressionTests", dependencies: ["Compression"], path: "Tests/CompressionTests"),
     .testTarget(name: "QCOW2Tests", dependencies: ["QCOW2", "DiskImage"], path: "Tests/QCOW2Tests"),
