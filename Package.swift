@@ -34,6 +34,11 @@ let package = Package(
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
       ],
       path: "Sources/lacuna"),
+    // The fuzz harness (Fuzz/, script/fuzz). Every build links it as a replayer of inputs,
+    // so it cannot rot; script/fuzz builds it with -DFUZZING and libFuzzer.
+    .executableTarget(
+      name: "lacuna-fuzz", dependencies: ["DiskImage", "QCOW2", "Raw"],
+      path: "Fuzz"),
     // Helpers shared by the test targets: running programs, qemu, temporary folders, fixtures.
     .target(name: "TestSupport", dependencies: [], path: "Tests/TestSupport"),
     .testTarget(name: "DiskImageTests", dependencies: ["DiskImage", "Raw", "TestSupport"], path: "Tests/DiskImageTests"),
