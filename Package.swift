@@ -40,7 +40,7 @@ let package = Package(
       name: "lacuna-fuzz", dependencies: ["DiskImage", "QCOW2", "Raw"],
       path: "Fuzz"),
     // Helpers shared by the test targets: running programs, qemu, temporary folders, fixtures.
-    .target(name: "TestSupport", dependencies: [], path: "Tests/TestSupport"),
+    .target(name: "TestSupport", dependencies: ["DiskImage"], path: "Tests/TestSupport"),
     .testTarget(name: "DiskImageTests", dependencies: ["DiskImage", "Raw", "TestSupport"], path: "Tests/DiskImageTests"),
     .testTarget(name: "CompressionTests", dependencies: ["Compression", "TestSupport"], path: "Tests/CompressionTests"),
     .testTarget(name: "QCOW2Tests", dependencies: ["QCOW2", "DiskImage", "TestSupport"], path: "Tests/QCOW2Tests"),
@@ -50,6 +50,9 @@ let package = Package(
     .testTarget(
       name: "ConvertTests", dependencies: ["Convert", "DiskImage", "Raw", "QCOW2", "TestSupport"],
       path: "Tests/ConvertTests"),
+    .testTarget(
+      name: "ConformanceTests", dependencies: ["DiskImage", "Raw", "QCOW2", "Stream", "Convert", "TestSupport"],
+      path: "Tests/ConformanceTests"),
     .testTarget(name: "LacunaTests", dependencies: ["lacuna", "TestSupport"], path: "Tests/LacunaTests"),
     .testTarget(
       name: "StreamTests", dependencies: ["Stream", "DiskImage", "Convert", "Raw", "CZlib", "TestSupport"],

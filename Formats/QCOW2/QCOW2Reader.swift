@@ -327,11 +327,8 @@ public final class QCOW2Reader: ImageReader {
   // MARK: - Reading
 
   public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws {
+    try checkInside(buffer.count, at: offset)
     guard buffer.count > 0 else { return }
-    guard offset >= 0, offset <= virtualSize - Int64(buffer.count) else {
-      throw ImageError.usage(
-        path: path, "read of \(buffer.count) bytes at \(hex(offset)) is outside the virtual disk (size \(hex(virtualSize)))")
-    }
     // Host-contiguous data is gathered into one read, whatever the cluster size.
     var pending: (bufferStart: Int, host: Int64, length: Int)?
     func flush() throws {

@@ -37,6 +37,7 @@ public final class RawReader: ImageReader {
   }
 
   public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws {
+    try checkInside(buffer.count, at: offset)
     try source.readExactly(into: buffer, at: offset, what: "data")
   }
 }

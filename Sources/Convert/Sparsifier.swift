@@ -45,10 +45,10 @@ public struct Sparsifier {
     let found = try registry.format(of: reading, named: format)
     guard found.capabilities.contains(.sparsifyInPlace) else {
       let inPlace = registry.formats(with: .sparsifyInPlace).map(\.name).joined(separator: ", ")
-      // Convert it to its own format where lacuna writes that format in place of a file,
-      // else to one that can be sparsified.
+      // Convert it to its own format where lacuna writes it as a file, else to the plain
+      // disk (the registry's fallback, raw).
       let writable = found.create != nil && !found.capabilities.contains(.sequentialOutput)
-      let suggestion = writable ? found.name : (registry.formats(with: .sparsifyInPlace).first?.name ?? "raw")
+      let suggestion = writable ? found.name : registry.fallback.name
       throw ImageError.usage(
         path: path,
         "is a \(found.name) image; sparsify works on \(inPlace) images in place. To drop its zero blocks, convert it: "

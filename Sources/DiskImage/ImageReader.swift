@@ -52,6 +52,15 @@ extension ImageReader {
   public var formatSpecific: [(String, InfoValue)] { [] }
   public var path: String { source.name }
 
+  /// Refuses a read that does not lie inside the virtual disk; every reader's `read`
+  /// starts with this, so a read past the end is an error, never zeros.
+  public func checkInside(_ count: Int, at offset: Int64) throws {
+    guard offset >= 0, count >= 0, offset <= virtualSize - Int64(count) else {
+      throw ImageError.usage(
+        path: path, "read of \(count) bytes at \(hex(offset)) is outside the virtual disk (size \(hex(virtualSize)))")
+    }
+  }
+
   /// Every extent of `range`, looping over `extents(in:)` until the range is covered.
   public func allExtents(in range: Range<Int64>) throws -> [Extent] {
     var result: [Extent] = []

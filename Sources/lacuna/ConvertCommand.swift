@@ -80,7 +80,7 @@ struct ConvertCommand: ParsableCommand {
   var destination: String
 
   func validate() throws {
-    guard let size = parseSize(sparseSize), size % 512 == 0, size <= 16 << 20 else {
+    guard let size = parseByteSize(sparseSize), size % 512 == 0, size <= 16 << 20 else {
       throw ValidationError("-S takes 0 or a multiple of 512 bytes up to 16M (got '\(sparseSize)')")
     }
     if let threads, !(1...64).contains(threads) {
@@ -100,7 +100,7 @@ struct ConvertCommand: ParsableCommand {
     (request.backing, request.backingFormat) = try takeBackingOptions(
       &request.writerOptions.options, backing: backing, format: backingFormat)
     request.synchronizes = cacheMode != .unsafe
-    request.engine.sparseSize = Int(parseSize(sparseSize)!)
+    request.engine.sparseSize = Int(parseByteSize(sparseSize)!)
     if let threads { request.engine.threads = threads }
     let format = progressFormat ?? (progress ? .bar : nil)
     let meter = quiet ? nil : format.map { ProgressMeter(format: $0, toStandardError: destination == "-") }

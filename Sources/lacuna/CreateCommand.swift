@@ -39,7 +39,7 @@ struct CreateCommand: ParsableCommand {
   var size: String?
 
   func validate() throws {
-    if let size, parseSize(size) == nil {
+    if let size, parseByteSize(size) == nil {
       throw ValidationError("'\(size)' is not a size (a number of bytes, or with k, M, G, T)")
     }
     if backingFormat != nil && backing == nil { throw ValidationError("-F needs -b") }
@@ -49,7 +49,7 @@ struct CreateCommand: ParsableCommand {
   }
 
   func run() throws {
-    var request = CreationRequest(image: image, format: format, size: size.flatMap(parseSize))
+    var request = CreationRequest(image: image, format: format, size: size.flatMap(parseByteSize))
     request.writerOptions = WriterOptions(options: try parseOptions(options))
     (request.backing, request.backingFormat) = try takeBackingOptions(
       &request.writerOptions.options, backing: backing, format: backingFormat)

@@ -55,9 +55,6 @@ enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
   case human, json
 }
 
-/// Parses a size as qemu-img does (see `parseByteSize`).
-func parseSize(_ text: String) -> Int64? { parseByteSize(text) }
-
 /// Parses `-o key=value,key=value`. qemu-img's `,,` escape stands for a literal comma.
 func parseOptions(_ list: [String]) throws -> [String: String] {
   var result: [String: String] = [:]

@@ -38,7 +38,7 @@ struct MapCommand: ParsableCommand {
   func run() throws {
     let chain = try resolver.openChain(image, format: format)
     for layer in chain.layers { for warning in layer.warnings { printError("\(layer.path): \(warning)") } }
-    guard let start = startOffset.map(parseSize) ?? 0, let length = maxLength.map(parseSize) ?? Int64.max else {
+    guard let start = startOffset.map(parseByteSize) ?? 0, let length = maxLength.map(parseByteSize) ?? Int64.max else {
       throw ValidationError("--start-offset and --max-length take a size")
     }
     let end = min(chain.virtualSize, start &+ length < start ? Int64.max : start + length)

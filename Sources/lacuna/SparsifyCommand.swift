@@ -38,14 +38,14 @@ struct SparsifyCommand: ParsableCommand {
   var image: String
 
   func validate() throws {
-    guard let size = parseSize(sparseSize), size > 0, size % 512 == 0, size <= 16 << 20 else {
+    guard let size = parseByteSize(sparseSize), size > 0, size % 512 == 0, size <= 16 << 20 else {
       throw ValidationError("-S takes a multiple of 512 bytes up to 16M (got '\(sparseSize)')")
     }
   }
 
   func run() throws {
     let started = Date()
-    let sparsifier = try Sparsifier.open(image, format: format, blockSize: Int(parseSize(sparseSize)!), registry: registry)
+    let sparsifier = try Sparsifier.open(image, format: format, blockSize: Int(parseByteSize(sparseSize)!), registry: registry)
     let statistics = try sparsifier.run()
     try sparsifier.file.closeChecked()
     if summary {

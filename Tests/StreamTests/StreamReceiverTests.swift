@@ -11,32 +11,6 @@ import XCTest
   import Glibc
 #endif
 
-/// A writer that logs every call, as nbdcopy's tests log operations: the test compares the
-/// operations, not only the bytes.
-final class RecordingWriter: ImageWriter {
-  enum Call: Equatable {
-    case write(Range<Int64>, zero: Bool)
-    case zeroes(Range<Int64>)
-    case finish, abandon
-  }
-  var calls: [Call] = []
-  var bytes: [UInt8]
-  let granularity: Int
-
-  init(size: Int, granularity: Int = 1) {
-    bytes = [UInt8](repeating: 0, count: size)
-    self.granularity = granularity
-  }
-
-  func write(_ data: UnsafeRawBufferPointer, at offset: Int64) throws {
-    calls.append(.write(offset..<offset + Int64(data.count), zero: isAllZero(data)))
-    bytes.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data)
-  }
-  func writeZeroes(_ range: Range<Int64>) throws { calls.append(.zeroes(range)) }
-  func finish() throws { calls.append(.finish) }
-  func abandon() { calls.append(.abandon) }
-}
-
 /// Writer → bytes → receiver, in process, and hand-made streams the receiver must refuse.
 final class StreamReceiverTests: XCTestCase {
   var directory: URL!
