@@ -138,12 +138,9 @@ public final class Converter {
     var kind: RunKind
     /// For zero runs: found by scanning data that was read (not a hole in the map).
     var scanned = false
-    /// For data runs: zeros of the map written as data (`-S 0`).
-    var filled = false
 
     func canMerge(with next: Run) -> Bool {
-      kind == next.kind && scanned == next.scanned && filled == next.filled
-        && range.upperBound == next.range.lowerBound
+      kind == next.kind && scanned == next.scanned && range.upperBound == next.range.lowerBound
     }
   }
 
@@ -162,6 +159,8 @@ public final class Converter {
     let pool: BufferPool
     let runs: [Run]
     let bytesRead: Int64
+    /// Bytes the map said were zeros, filled in to be written as data (`-S 0`).
+    var filledBytes: Int64 = 0
     /// What a `PreparingImageWriter` made of the unit on the worker thread.
     var prepared: AnyObject?
 
@@ -239,20 +238,22 @@ public final class Converter {
     var waitingHead = 0
     var done: Int64 = 0
 
+    // Zero runs that touch become one call, whether the map or a scan found them and
+    // whatever unit they came from: a writer that must act on zeros (a backing file to
+    // hide, an NBD server) gets few large requests.
+    var zeros: Range<Int64>?
+    func flushZeros() throws {
+      if let range = zeros { try writer.writeZeroes(range) }
+      zeros = nil
+    }
+
     func writeRuns(_ runs: [Run], from filled: FilledUnit?) throws {
-      // Zero runs that touch become one call, whether the map or a scan found them.
-      var zeros: Range<Int64>?
-      func flushZeros() throws {
-        if let range = zeros { try writer.writeZeroes(range) }
-        zeros = nil
-      }
       for run in runs {
         if run.kind != .zero { try flushZeros() }
         switch run.kind {
         case .data:
           let unit = filled!
           statistics.bytesWritten += Int64(run.range.count)
-          if run.filled { statistics.holeBytesWritten += Int64(run.range.count) }
           if unit.prepared != nil { break }
           let slice = UnsafeRawBufferPointer(
             rebasing: unit.buffer[Int(run.range.lowerBound - unit.start)..<Int(run.range.upperBound - unit.start)])
@@ -272,8 +273,10 @@ public final class Converter {
         }
         done += Int64(run.range.count)
       }
-      try flushZeros()
-      if let prepared = filled?.prepared { try (writer as! PreparingImageWriter).commit(prepared) }
+      if let prepared = filled?.prepared {
+        try flushZeros()
+        try (writer as! PreparingImageWriter).commit(prepared)
+      }
       options.progress?(done, total)
     }
 
@@ -285,6 +288,7 @@ public final class Converter {
       case .unit:
         let filled = try pipeline.takeNext()
         statistics.bytesRead += filled.bytesRead
+        statistics.holeBytesWritten += filled.filledBytes
         try writeRuns(filled.runs, from: filled)
       }
       if waitingHead > 1024 && waitingHead * 2 > waiting.count {
@@ -327,6 +331,7 @@ public final class Converter {
         of: reader, unit: unit, sparseSize: sparseSize, pool: pool, enqueue: enqueue)
     }
     while waitingHead < waiting.count { try drainOne() }
+    try flushZeros()
     return statistics
   }
 
@@ -510,9 +515,10 @@ public final class Converter {
     let buffer = job.buffer ?? pool.take(Int(end - start))
     var runs: [Run] = []
     var bytesRead: Int64 = 0
-    func scan(_ slice: UnsafeMutableRawBufferPointer, at offset: Int64, filled: Bool = false) {
+    var filledBytes: Int64 = 0
+    func scan(_ slice: UnsafeMutableRawBufferPointer, at offset: Int64) {
       for piece in zeroRuns(UnsafeRawBufferPointer(slice), at: offset, blockSize: sparseSize) {
-        runs.append(Run(range: piece.range, kind: piece.isZero ? .zero : .data, scanned: true, filled: filled))
+        runs.append(Run(range: piece.range, kind: piece.isZero ? .zero : .data, scanned: true))
       }
     }
     do {
@@ -533,7 +539,8 @@ public final class Converter {
           scan(slice, at: segment.range.lowerBound)
         case .zeroFilled:
           slice.initializeMemory(as: UInt8.self, repeating: 0)
-          scan(slice, at: segment.range.lowerBound, filled: true)
+          filledBytes += Int64(slice.count)
+          scan(slice, at: segment.range.lowerBound)
         case .compare:
           try chain!.read(into: slice, at: segment.range.lowerBound)
           bytesRead += Int64(slice.count)
@@ -549,8 +556,10 @@ public final class Converter {
       pool.give(buffer)
       throw error
     }
-    return FilledUnit(
+    let filled = FilledUnit(
       start: start, buffer: buffer, length: Int(end - start), pool: pool, runs: runs.merged(), bytesRead: bytesRead)
+    filled.filledBytes = filledBytes
+    return filled
   }
 }
 

@@ -7,10 +7,20 @@ import DiskImage
 /// are refused, and a loop is refused with the whole chain in the error. A policy for
 /// untrusted images belongs here too.
 public struct Resolver {
+  /// How far names held by images are trusted.
+  public enum Policy: Sendable {
+    /// Names an image holds are followed, as qemu-img follows them.
+    case trusted
+    /// The image came from elsewhere: no file it names is opened (a backing file or
+    /// extent named `/etc/shadow` is the classic attack). Only what the user named is read.
+    case untrusted
+  }
+
   public var registry: FormatRegistry
   /// The deepest chain followed; deeper ones are refused (a loop that evades the identity
   /// check, or a hostile image, must not exhaust file descriptors).
   public var depthLimit = 64
+  public var policy = Policy.trusted
 
   public init(registry: FormatRegistry) { self.registry = registry }
 
@@ -28,6 +38,10 @@ public struct Resolver {
   /// relative ones are taken from the directory of the image that holds them (as qemu
   /// does). Names that are not plain file names (URLs, `json:` specifications) are refused.
   public func resolve(_ name: String, heldBy referrer: String, what: String = "backing file") throws -> String {
+    if policy == .untrusted {
+      throw ImageError.usage(
+        path: referrer, "names \(what) '\(name)'; an untrusted image may not make lacuna open other files")
+    }
     if name.isEmpty {
       throw ImageError.invalid(path: referrer, "\(what) name is empty")
     }

@@ -177,7 +177,10 @@ public final class RecordingWriter: ImageWriter {
   }
   public func writeZeroes(_ range: Range<Int64>) throws {
     calls.append(.zeroes(range))
-    bytes.replaceSubrange(Int(range.lowerBound)..<Int(range.upperBound), with: repeatElement(0, count: range.count))
+    bytes.withUnsafeMutableBytes {
+      UnsafeMutableRawBufferPointer(rebasing: $0[Int(range.lowerBound)..<Int(range.upperBound)])
+        .initializeMemory(as: UInt8.self, repeating: 0)
+    }
   }
   public func finish() throws { calls.append(.finish) }
   public func abandon() { calls.append(.abandon) }
