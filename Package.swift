@@ -37,7 +37,7 @@ let package = Package(
     // The fuzz harness (Fuzz/, script/fuzz). Every build links it as a replayer of inputs,
     // so it cannot rot; script/fuzz builds it with -DFUZZING and libFuzzer.
     .executableTarget(
-      name: "lacuna-fuzz", dependencies: ["DiskImage", "QCOW2", "Raw"],
+      name: "lacuna-fuzz", dependencies: ["DiskImage", "QCOW2", "Raw", "Stream"],
       path: "Fuzz"),
     // Helpers shared by the test targets: running programs, qemu, temporary folders, fixtures.
     .target(name: "TestSupport", dependencies: ["DiskImage"], path: "Tests/TestSupport"),

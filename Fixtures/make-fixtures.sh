@@ -89,4 +89,11 @@ io -c 'write -P 0xf1 0 4k' bitmap.qcow2
 qemu-img bitmap --add -g 65536 bitmap.qcow2 tracked
 io -c 'write -P 0xf2 8k 4k' bitmap.qcow2
 
-ls -l ./*.img ./*.qcow2
+# The raw file as a sparse stream, made by lacuna itself (the fuzzer's seed for the stream
+# reader); left as it is when lacuna is not built.
+if [ -x ../.build/debug/lacuna ]; then
+  rm -f raw-sparse.stream
+  ../.build/debug/lacuna convert -O stream raw-sparse.img raw-sparse.stream
+fi
+
+ls -l ./*.img ./*.qcow2 ./*.stream

@@ -1,15 +1,16 @@
 // The formats lacuna-fuzz can fuzz, by the name script/fuzz takes. A format with an
-// ImageReader is added here (and its seeds to script/fuzz).
+// ImageReader or a SequentialImageReader is added here (and its seeds to script/fuzz).
 
 import DiskImage
 import QCOW2
 import Raw
+import Stream
 
 #if canImport(Glibc)
   import Glibc
 #endif
 
-let fuzzFormats: [ImageFormat] = [QCOW2.format, Raw.format]
+let fuzzFormats: [ImageFormat] = [QCOW2.format, Raw.format, SparseStream.format]
 
 /// "qcow2|raw", for usage lines.
 var formatNames: String { fuzzFormats.map(\.name).joined(separator: "|") }

@@ -42,8 +42,12 @@ func fuzz(_ format: ImageFormat, _ input: UnsafeRawBufferPointer) {
   close(fd)
 
   do {
-    let reader = try format.open(try ImageFile.openForReading(scratchPath))
-    try walk(reader)
+    let source = try ImageFile.openForReading(scratchPath)
+    if format.openReader == nil, let openSequential = format.openSequential {
+      try take(try openSequential(SequentialInput(source: source)))
+    } else {
+      try walk(try format.open(source))
+    }
   } catch let error as ImageError {
     // The message must be one line naming the file.
     let message = error.description
@@ -53,6 +57,27 @@ func fuzz(_ format: ImageFormat, _ input: UnsafeRawBufferPointer) {
   } catch {
     fatalError("\(format.name): an error that is not an ImageError: \(error)")
   }
+}
+
+/// Takes a sequential image's pieces as the engine takes them, in varied sizes, to the end
+/// of the disk, then its end check. Every piece starts where the last ended, covers
+/// something, and stays within what was asked.
+private func take(_ reader: SequentialImageReader) throws {
+  var position: Int64 = 0
+  var turn: Int64 = 0
+  while position < reader.virtualSize {
+    turn += 1
+    let limit = turn % 3 == 0 ? 4096 + turn : reader.virtualSize - position
+    let room = turn % 2 == 0 ? readChunk : 3000
+    let piece = try reader.next(limit: limit, into: UnsafeMutableRawBufferPointer(rebasing: readBuffer[0..<room]))
+    guard piece.range.lowerBound == position, !piece.range.isEmpty, piece.length <= min(limit, reader.virtualSize - position),
+      piece.kind == .zero || (piece.kind == .data && piece.length <= Int64(room))
+    else {
+      fatalError("next(limit: \(limit)) at \(position) answered \(piece)")
+    }
+    position = piece.range.upperBound
+  }
+  try reader.finish()
 }
 
 /// Asks everything `info`, `map` and `convert` ask, and reads every data extent of the

@@ -311,7 +311,7 @@ public final class Converter {
     case .chain(let chain):
       var windowStart: Int64 = 0
       while windowStart < total {
-        let windowEnd = min(total, windowStart + window)
+        let windowEnd = windowStart + min(window, total - windowStart)
         let segments: [Segment]
         switch options.backing {
         case .compared(let base):
@@ -349,7 +349,7 @@ public final class Converter {
     var pendingZero: Range<Int64>?
     while position < total {
       let unitStart = position
-      let unitEnd = min(total, unitStart + unit)
+      let unitEnd = unitStart + min(unit, total - unitStart)  // never past 2^63-1
       var segments: [Segment] = []
       var buffer: UnsafeMutableRawBufferPointer?
       var passedThrough = false

@@ -38,7 +38,8 @@ final class OrderedPipeline<Input, Output> {
     lock.withLock {
       queue.append((nextSubmit, input))
       nextSubmit += 1
-      lock.broadcast()
+      // Only workers wait while the submitting thread runs: wake one for the new job.
+      lock.signal()
     }
   }
 

@@ -3,8 +3,8 @@
 #endif
 
 /// The one lock of the project: a `pthread_mutex_t` with a condition variable, kept at
-/// fixed addresses. `withLock` for mutual exclusion; `wait`/`broadcast` (with the lock
-/// held) for the threads that hand work to each other.
+/// fixed addresses. `withLock` for mutual exclusion; `wait`/`broadcast`/`signal` (with the
+/// lock held) for the threads that hand work to each other.
 public final class Lock: @unchecked Sendable {
   private let mutex: UnsafeMutablePointer<pthread_mutex_t>
   private let condition: UnsafeMutablePointer<pthread_cond_t>
@@ -35,4 +35,7 @@ public final class Lock: @unchecked Sendable {
 
   /// Wakes every thread waiting in `wait`.
   public func broadcast() { pthread_cond_broadcast(condition) }
+
+  /// Wakes one thread waiting in `wait` (call it when any one waiter can take what came).
+  public func signal() { pthread_cond_signal(condition) }
 }
