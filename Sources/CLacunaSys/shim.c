@@ -1,6 +1,8 @@
 #define _GNU_SOURCE 1
 #include "CLacunaSys.h"
+#include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <linux/falloc.h>
 #include <signal.h>
 #include <sys/types.h>
@@ -72,6 +74,23 @@ void lacuna_cleanup_unregister(int slot) {
   if (slot < 0 || slot >= CLEANUP_SLOTS) return;
   char *old = __sync_lock_test_and_set(&cleanup_paths[slot], (char *)0);
   free(old);
+}
+
+int lacuna_make_registered_temporary(char *template_path, int *slot) {
+  // With SIGINT, SIGTERM and SIGHUP held back, the file and its cleanup slot come into
+  // being together: a signal can no longer land between the two and leave the file behind.
+  sigset_t held, previous;
+  sigemptyset(&held);
+  sigaddset(&held, SIGINT);
+  sigaddset(&held, SIGTERM);
+  sigaddset(&held, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &held, &previous);
+  int fd = mkostemp(template_path, O_CLOEXEC);
+  *slot = fd >= 0 ? lacuna_cleanup_register(template_path) : -1;
+  int saved = errno;
+  pthread_sigmask(SIG_SETMASK, &previous, NULL);
+  errno = saved;
+  return fd;
 }
 
 static void cleanup_and_die(int sig) {

@@ -35,13 +35,14 @@ public final class OutputFile: ByteTarget {
     let (directory, name) = splitPath(path)
     let template = (directory.isEmpty ? "" : directory + "/") + ".\(name).lacuna-XXXXXX"
     var buffer = Array(template.utf8CString)
-    let fd = buffer.withUnsafeMutableBufferPointer { lacuna_make_temporary($0.baseAddress!) }
+    var slot: Int32 = -1
+    let fd = buffer.withUnsafeMutableBufferPointer { lacuna_make_registered_temporary($0.baseAddress!, &slot) }
     guard fd >= 0 else {
       throw ImageError.system(path: path, operation: "create a temporary file in \(directory.isEmpty ? "." : directory)", errno: errno)
     }
     temporaryPath = String(cString: buffer)
     fchmod(fd, 0o644 & ~OutputFile.umaskValue)
-    cleanupSlot = lacuna_cleanup_register(temporaryPath)
+    cleanupSlot = slot
     file = ImageFile.adoptWritable(descriptor: fd, path: path)
     flusher = lacuna_flusher_start(fd)
   }

@@ -28,6 +28,10 @@ void lacuna_byte_histogram(const void *buffer, size_t length, uint64_t *counts);
 /// True when all `length` bytes at `buffer` are zero (vectorised by the compiler and libc).
 int lacuna_is_zero(const void *buffer, size_t length);
 
+/// lacuna_make_temporary, and the new path registered for cleanup (`*slot`), with the
+/// cleanup signals held back in between so none can leave the file behind.
+int lacuna_make_registered_temporary(char *template_path, int *slot);
+
 /// Remember a path to unlink if SIGINT, SIGTERM or SIGHUP arrives. Returns a slot, or -1
 /// when the table is full.
 int lacuna_cleanup_register(const char *path);
