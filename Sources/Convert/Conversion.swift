@@ -59,6 +59,7 @@ public final class Conversion {
     guard let create = outputFormat.create else {
       throw ImageError.usage(path: request.destination, "lacuna cannot write \(outputFormat.name) images")
     }
+    if request.backing != nil { try requireBackingFile(outputFormat, path: request.destination, registry: registry) }
     var options = request.engine
     var writerOptions = request.writerOptions
     var inputs = Set<FileIdentity>()
@@ -152,6 +153,14 @@ public final class Conversion {
     }
     let top = try format.open(source)
     return .chain(try resolver.openChain(above: top, name: request.source, backingFormat: request.sourceBackingFormat))
+  }
+
+  /// Refuses `-B` for a format that cannot record a backing file, before any image is
+  /// opened, naming the formats that can.
+  static func requireBackingFile(_ format: ImageFormat, path: String, registry: FormatRegistry) throws {
+    guard !format.capabilities.contains(.backingFile) else { return }
+    let names = registry.formats(with: .backingFile).map { "-O \($0.name)" }.joined(separator: " or ")
+    throw ImageError.usage(path: path, "\(format.name) images cannot record a backing file (that needs \(names))")
   }
 
   /// The output: standard output for `-` (only formats written in order, never a

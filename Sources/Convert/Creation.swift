@@ -35,6 +35,7 @@ public func createImage(
   var options = request.writerOptions
   var virtualSize = request.size
   if let backing = request.backing {
+    try Conversion.requireBackingFile(format, path: request.image, registry: resolver.registry)
     let base = try resolver.openChain(Resolver.path(of: backing, heldBy: request.image), format: request.backingFormat)
     options.backing = BackingReference(name: backing, format: request.backingFormat ?? base.top.formatName)
     if virtualSize == nil { virtualSize = base.virtualSize }

@@ -29,14 +29,14 @@ public struct Extent: RangeRun, Sendable, Equatable, CustomStringConvertible {
   }
 
   /// Whether `next` continues this extent: same kind, touching, and host offsets contiguous.
-  public func canMerge(with next: Extent) -> Bool {
+  @inlinable public func canMerge(with next: Extent) -> Bool {
     kind == next.kind && range.upperBound == next.range.lowerBound
       && hostOffsetsContinue(hostOffset, length: length, next.hostOffset)
   }
 }
 
 /// Whether a host offset `next` continues `first` after `length` bytes (both nil: yes).
-public func hostOffsetsContinue(_ first: Int64?, length: Int64, _ next: Int64?) -> Bool {
+@inlinable public func hostOffsetsContinue(_ first: Int64?, length: Int64, _ next: Int64?) -> Bool {
   switch (first, next) {
   case (nil, nil): return true
   case let (a?, b?): return a + length == b
