@@ -22,15 +22,39 @@ public enum ImageError: Error, CustomStringConvertible, Equatable {
     }
   }
 
+  /// One line, whatever the path and the message hold: strings taken from an image (a
+  /// feature name, a backing name) may carry control characters, which are escaped here so
+  /// an error never splits over lines or sends escape sequences to the terminal.
   public var description: String {
     switch self {
     case .system(let path, let operation, let code):
-      return "\(path): \(operation): \(String(cString: strerror(code)))"
+      return escapingControlCharacters("\(path): \(operation): \(String(cString: strerror(code)))")
     case .invalid(let path, let message), .unsupported(let path, let message),
       .usage(let path, let message):
-      return "\(path): \(message)"
+      return escapingControlCharacters("\(path): \(message)")
     }
   }
+}
+
+/// `text` with every control character (C0, DEL, C1) written as `\n`, `\t` or `\u{XX}`, so
+/// it prints on one line and cannot drive the terminal.
+public func escapingControlCharacters(_ text: String) -> String {
+  guard text.unicodeScalars.contains(where: isControl) else { return text }
+  var result = ""
+  for scalar in text.unicodeScalars {
+    switch scalar {
+    case "\n": result += "\\n"
+    case "\t": result += "\\t"
+    case "\r": result += "\\r"
+    case _ where isControl(scalar): result += "\\u{" + String(scalar.value, radix: 16) + "}"
+    default: result.unicodeScalars.append(scalar)
+    }
+  }
+  return result
+}
+
+private func isControl(_ scalar: Unicode.Scalar) -> Bool {
+  scalar.value < 0x20 || (0x7f...0x9f).contains(scalar.value)
 }
 
 /// Formats a byte offset the way error messages and the human `map` output show them.

@@ -83,21 +83,15 @@ final class ReaderConformanceTests: QemuTestCase {
       "write -P 0 9M 128k", "discard 8M 64k", "write -P 0x44 20M 4k", "write -P 0x55 23M 1M")
   }
 
-  func testQcow2Version3() throws {
-    try makeQcow2("v3.qcow2", options: "compat=1.1")
-    try check("v3.qcow2", format: QCOW2.format)
-  }
-
-  func testQcow2Version2() throws {
-    try makeQcow2("v2.qcow2", options: "compat=0.10")
-    try check("v2.qcow2", format: QCOW2.format)
-  }
-
-  func testQcow2SmallAndLargeClusters() throws {
-    try makeQcow2("small.qcow2", options: "cluster_size=4096")
-    try check("small.qcow2", format: QCOW2.format)
-    try makeQcow2("large.qcow2", options: "cluster_size=2M")
-    try check("large.qcow2", format: QCOW2.format)
+  /// Versions 3 and 2, the smallest useful and the largest cluster size.
+  func testQcow2VersionsAndClusterSizes() throws {
+    for (name, options) in [
+      ("v3.qcow2", "compat=1.1"), ("v2.qcow2", "compat=0.10"), ("small.qcow2", "cluster_size=4096"),
+      ("large.qcow2", "cluster_size=2M"),
+    ] {
+      try makeQcow2(name, options: options)
+      try check(name, format: QCOW2.format)
+    }
   }
 
   func testQcow2ExtendedL2() throws {

@@ -99,3 +99,13 @@ final class ExtentTests: XCTestCase {
     XCTAssertEqual(system.description, "x.img: open: No such file or directory")
   }
 }
+
+/// Errors are one line whatever an image puts in them.
+final class ErrorTests: XCTestCase {
+  func testControlCharactersFromAnImageAreEscaped() {
+    let error = ImageError.unsupported(path: "x.qcow2", "unknown incompatible feature bit 9 (evil\nname\u{1b}[31m) set")
+    XCTAssertEqual(error.description, "x.qcow2: unknown incompatible feature bit 9 (evil\\nname\\u{1b}[31m) set")
+    XCTAssertFalse(error.description.contains("\n"))
+    XCTAssertEqual(ImageError.invalid(path: "plain.img", "fine").description, "plain.img: fine")
+  }
+}
