@@ -30,7 +30,7 @@ let package = Package(
     .executableTarget(
       name: "lacuna",
       dependencies: [
-        "DiskImage", "Convert", "Raw", "QCOW2", "Stream",
+        "CLacunaSys", "DiskImage", "Convert", "Raw", "QCOW2", "Stream",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
       ],
       path: "Sources/lacuna"),

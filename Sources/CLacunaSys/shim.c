@@ -93,6 +93,22 @@ int lacuna_make_registered_temporary(char *template_path, int *slot) {
   return fd;
 }
 
+int lacuna_ensure_standard_descriptors(void) {
+  // A descriptor 0, 1 or 2 closed at start would be taken by the next open: the output
+  // image would become standard output, and progress lines would land in it.
+  for (int fd = 0; fd <= 2; fd++) {
+    if (fcntl(fd, F_GETFD) != -1 || errno != EBADF) continue;
+    int opened = open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY);
+    if (opened < 0) return -1;
+    if (opened != fd) {
+      // Lower descriptors are open, so open() returns the lowest free one: fd itself.
+      close(opened);
+      return -1;
+    }
+  }
+  return 0;
+}
+
 static void cleanup_and_die(int sig) {
   for (int i = 0; i < CLEANUP_SLOTS; i++) {
     char *path = cleanup_paths[i];

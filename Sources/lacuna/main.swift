@@ -1,9 +1,15 @@
 import ArgumentParser
+import CLacunaSys
 import DiskImage
 
 #if canImport(Glibc)
   import Glibc
 #endif
+
+// Before anything is opened: a closed standard descriptor would be taken by an image.
+if lacuna_ensure_standard_descriptors() != 0 {
+  exit(1)
+}
 
 // Exit status: 0 success, 1 an image or I/O problem, 2 a usage error (as the issue and
 // most Unix tools have it; swift-argument-parser's default for usage errors is 64).

@@ -32,6 +32,10 @@ int lacuna_is_zero(const void *buffer, size_t length);
 /// cleanup signals held back in between so none can leave the file behind.
 int lacuna_make_registered_temporary(char *template_path, int *slot);
 
+/// Opens /dev/null on each of descriptors 0, 1 and 2 that is closed, so no file lacuna
+/// opens later takes their place. Returns -1 when that fails.
+int lacuna_ensure_standard_descriptors(void);
+
 /// Remember a path to unlink if SIGINT, SIGTERM or SIGHUP arrives. Returns a slot, or -1
 /// when the table is full.
 int lacuna_cleanup_register(const char *path);
