@@ -4,6 +4,8 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <linux/falloc.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
 #include <signal.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -91,6 +93,10 @@ int lacuna_make_registered_temporary(char *template_path, int *slot) {
   pthread_sigmask(SIG_SETMASK, &previous, NULL);
   errno = saved;
   return fd;
+}
+
+int lacuna_block_device_size(int fd, uint64_t *size) {
+  return ioctl(fd, BLKGETSIZE64, size);
 }
 
 int lacuna_ensure_standard_descriptors(void) {

@@ -100,6 +100,11 @@ public struct Resolver {
         if case .system(_, "open", let code) = error {
           throw ImageError.system(path: referrer.path, operation: "open backing file \(backingPath)", errno: code)
         }
+        // Not the user's mistake but the image's: a backing file that is a directory or a
+        // FIFO is a damaged chain (exit 1), not a usage error.
+        if case .usage(let path, let message) = error {
+          throw ImageError.invalid(path: referrer.path, "backing file \(path) \(message)")
+        }
         throw error
       }
       if let identity = try source.identity() {
@@ -111,7 +116,11 @@ public struct Resolver {
         }
         seen[identity] = layers.count
       }
-      layers.append(try registry.open(source, format: format))
+      do {
+        layers.append(try registry.open(source, format: format))
+      } catch ImageError.usage(_, let message) {
+        throw ImageError.invalid(path: referrer.path, "backing file \(backingPath): \(message)")
+      }
       names.append(backingPath)
     }
     return Chain(layers: layers)

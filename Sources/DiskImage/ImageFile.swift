@@ -12,28 +12,44 @@ public final class ImageFile: ByteSource, @unchecked Sendable {
   public var name: String { path }
   public let descriptor: Int32
   public let writable: Bool
+  /// True for a block device: its size comes from the device (`BLKGETSIZE64`), not from
+  /// `st_size`, which is 0.
+  public let isBlockDevice: Bool
   private var closed = false
 
-  private init(path: String, descriptor: Int32, writable: Bool) {
+  private init(path: String, descriptor: Int32, writable: Bool, isBlockDevice: Bool = false) {
     self.path = path
     self.descriptor = descriptor
     self.writable = writable
+    self.isBlockDevice = isBlockDevice
   }
 
   deinit { close() }
 
-  /// Opens an existing file read-only. Inputs are never opened for writing.
+  /// Opens an existing regular file or block device read-only. Inputs are never opened for
+  /// writing. Anything else (a directory, a FIFO, a socket, a character device such as
+  /// /dev/null or /dev/zero) is refused at once: its size says nothing of a disk, and
+  /// opening a FIFO would wait for a writer forever.
   ///
-  /// The corresponding C function is `open(path, O_RDONLY | O_CLOEXEC)`.
+  /// The corresponding C function is `open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK)`, then
+  /// `fstat`; O_NONBLOCK, which keeps `open` from waiting on a FIFO, is cleared afterwards.
   public static func openForReading(_ path: String) throws -> ImageFile {
-    let fd = retryingOnInterrupt { open(path, O_RDONLY | O_CLOEXEC) }
+    let fd = retryingOnInterrupt { open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK) }
     guard fd >= 0 else { throw ImageError.system(path: path, operation: "open", errno: errno) }
-    let file = ImageFile(path: path, descriptor: fd, writable: false)
     var info = stat()
-    if fstat(fd, &info) == 0, (info.st_mode & S_IFMT) == S_IFDIR {
-      throw ImageError.usage(path: path, "is a directory, not an image")
+    guard fstat(fd, &info) == 0 else {
+      let code = errno
+      Glibc.close(fd)
+      throw ImageError.system(path: path, operation: "stat", errno: code)
     }
-    return file
+    let type = info.st_mode & S_IFMT
+    guard type == S_IFREG || type == S_IFBLK else {
+      Glibc.close(fd)
+      throw ImageError.usage(path: path, "is \(describeFileType(type)), not an image (lacuna reads regular files and block devices)")
+    }
+    let flags = fcntl(fd, F_GETFL)
+    if flags >= 0 { _ = fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) }
+    return ImageFile(path: path, descriptor: fd, writable: false, isBlockDevice: type == S_IFBLK)
   }
 
   /// Wraps a descriptor opened for writing (by `OutputFile`).
@@ -67,8 +83,15 @@ public final class ImageFile: ByteSource, @unchecked Sendable {
     return info
   }
 
-  /// The file's size in bytes.
-  public func size() throws -> Int64 { Int64(try status().st_size) }
+  /// The file's size in bytes; for a block device, the device's.
+  public func size() throws -> Int64 {
+    guard isBlockDevice else { return Int64(try status().st_size) }
+    var bytes: UInt64 = 0
+    guard lacuna_block_device_size(descriptor, &bytes) == 0 else {
+      throw ImageError.system(path: path, operation: "get the device size (BLKGETSIZE64)", errno: errno)
+    }
+    return Int64(clamping: bytes)
+  }
 
   /// Bytes of storage the file occupies (`st_blocks * 512`), as `du` counts them.
   public func allocatedSize() throws -> Int64? { Int64(try status().st_blocks) * 512 }
@@ -177,6 +200,19 @@ public final class ImageFile: ByteSource, @unchecked Sendable {
   public func identity() throws -> FileIdentity? {
     let info = try status()
     return FileIdentity(device: UInt64(info.st_dev), inode: UInt64(info.st_ino))
+  }
+}
+
+/// "a directory", "a FIFO", ... for messages.
+public func describeFileType(_ type: mode_t) -> String {
+  switch type {
+  case S_IFDIR: return "a directory"
+  case S_IFIFO: return "a FIFO"
+  case S_IFSOCK: return "a socket"
+  case S_IFCHR: return "a character device"
+  case S_IFBLK: return "a block device"
+  case S_IFLNK: return "a symbolic link"
+  default: return "a regular file"
   }
 }
 

@@ -2,6 +2,10 @@ import Foundation
 import TestSupport
 import XCTest
 
+#if canImport(Glibc)
+  import Glibc
+#endif
+
 /// lacuna started in unusual surroundings, as a service or a script may start it.
 final class SurroundingsTests: XCTestCase {
   /// With standard input and output closed, the first files lacuna opens would take
@@ -21,5 +25,61 @@ final class SurroundingsTests: XCTestCase {
       XCTAssertEqual(outcome.status, 0, "\(closing): \(outcome.stderr)")
       XCTAssertEqual([UInt8](try Data(contentsOf: URL(fileURLWithPath: output))), bytes, "\(closing): the output is the source")
     }
+  }
+
+  /// A FIFO, a character device, a socket or a directory is not an image: refused at once
+  /// by name, as a source and as a backing file, never waited on.
+  func testNonImagesAreRefusedAtOnceAsSourcesAndBackingFiles() throws {
+    let qemu = try requireQemuImg()
+    let dir = try temporaryDirectory(self)
+    func path(_ name: String) -> String { dir.appendingPathComponent(name).path }
+    XCTAssertEqual(mkfifo(path("fifo"), 0o600), 0)
+    try FileManager.default.createDirectory(atPath: path("dir"), withIntermediateDirectories: true)
+    let binary = try lacunaBinary()
+    // `timeout` turns a hang into a failure instead of a stuck suite.
+    func lacunaWithin(_ arguments: String...) throws -> Outcome {
+      try runProgram("/usr/bin/timeout", ["20", binary] + arguments, in: dir)
+    }
+    for (source, kind) in [("fifo", "a FIFO"), ("/dev/null", "a character device"), ("dir", "a directory")] {
+      let outcome = try lacunaWithin("convert", "-O", "raw", source, "out.img")
+      XCTAssertEqual(outcome.status, 2, "\(source): \(outcome.stderr)")
+      XCTAssertTrue(outcome.stderr.contains("\(source): is \(kind), not an image"), outcome.stderr)
+      XCTAssertFalse(FileManager.default.fileExists(atPath: path("out.img")))
+    }
+    for (backing, kind) in [("fifo", "a FIFO"), ("dir", "a directory")] {
+      try runProgram(qemu, ["create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "raw", path("on-\(backing).qcow2"), "1M"])
+      for arguments in [["convert", "-O", "raw", "on-\(backing).qcow2", "out.img"], ["info", "--backing-chain", "on-\(backing).qcow2"]] {
+        let outcome = try runProgram("/usr/bin/timeout", ["20", binary] + arguments, in: dir)
+        XCTAssertEqual(outcome.status, 1, "\(arguments): \(outcome.stderr)")
+        XCTAssertTrue(outcome.stderr.contains("on-\(backing).qcow2: backing file \(backing) is \(kind)"), outcome.stderr)
+      }
+    }
+  }
+
+  /// A block device is sized by the device, not by `st_size` (0), as a source and as the
+  /// raw backing file of an overlay. Needs root and loop devices; skips where refused.
+  func testABlockDeviceIsReadWithItsRealSize() throws {
+    let qemu = try requireQemuImg()
+    guard getuid() == 0, let losetup = which("losetup") else { throw XCTSkip("needs root and losetup for a loop device") }
+    let dir = try temporaryDirectory(self)
+    func path(_ name: String) -> String { dir.appendingPathComponent(name).path }
+    var bytes = [UInt8](repeating: 0, count: 8 << 20)
+    for index in (1 << 20)..<(2 << 20) { bytes[index] = UInt8(truncatingIfNeeded: index % 249 + 1) }
+    try Data(bytes).write(to: URL(fileURLWithPath: path("backing.img")))
+    let attach = try runProgram(losetup, ["--find", "--show", "--read-only", path("backing.img")])
+    guard attach.status == 0 else { throw XCTSkip("losetup refused: \(attach.stderr)") }
+    let device = attach.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+    defer { _ = try? runProgram(losetup, ["-d", device]) }
+
+    let outcome = try lacuna("convert", "-O", "raw", device, path("copy.img"))
+    XCTAssertEqual(outcome.status, 0, outcome.stderr)
+    XCTAssertEqual([UInt8](try Data(contentsOf: URL(fileURLWithPath: path("copy.img")))), bytes)
+
+    try runProgram(qemu, ["create", "-q", "-f", "qcow2", "-b", device, "-F", "raw", path("overlay.qcow2")])
+    let flat = try lacuna("convert", "-O", "raw", path("overlay.qcow2"), path("flat.img"))
+    XCTAssertEqual(flat.status, 0, flat.stderr)
+    XCTAssertEqual([UInt8](try Data(contentsOf: URL(fileURLWithPath: path("flat.img")))), bytes)
+    let info = try lacuna("info", "--output=json", device)
+    XCTAssertTrue(info.stdout.contains("\"virtual-size\": \(8 << 20)"), info.stdout)
   }
 }

@@ -32,6 +32,9 @@ int lacuna_is_zero(const void *buffer, size_t length);
 /// cleanup signals held back in between so none can leave the file behind.
 int lacuna_make_registered_temporary(char *template_path, int *slot);
 
+/// The size of the block device open at `fd` (ioctl BLKGETSIZE64); -1 and errno on failure.
+int lacuna_block_device_size(int fd, uint64_t *size);
+
 /// Opens /dev/null on each of descriptors 0, 1 and 2 that is closed, so no file lacuna
 /// opens later takes their place. Returns -1 when that fails.
 int lacuna_ensure_standard_descriptors(void);
