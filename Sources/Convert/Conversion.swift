@@ -60,6 +60,8 @@ public final class Conversion {
       throw ImageError.usage(path: request.destination, "lacuna cannot write \(outputFormat.name) images")
     }
     if request.backing != nil { try requireBackingFile(outputFormat, path: request.destination, registry: registry) }
+    // A destination that cannot be written is refused before any work, not after it.
+    if request.destination != "-" { _ = try OutputFile.checkDestination(request.destination) }
     var options = request.engine
     var writerOptions = request.writerOptions
     var inputs = Set<FileIdentity>()
@@ -146,6 +148,7 @@ public final class Conversion {
       }
       return .sequential(try openSequential(SequentialInput(descriptor: STDIN_FILENO, name: "standard input")))
     }
+    if let name = request.sourceFormat { _ = try registry.format(named: name, for: request.source) }
     let source = try resolver.openSource(request.source)
     let format = try registry.format(of: source, named: request.sourceFormat)
     if format.openReader == nil, let openSequential = format.openSequential {

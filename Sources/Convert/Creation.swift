@@ -32,6 +32,7 @@ public func createImage(
   guard let create = format.create else {
     throw ImageError.usage(path: request.image, "lacuna cannot create \(format.name) images")
   }
+  _ = try OutputFile.checkDestination(request.image)
   var options = request.writerOptions
   var virtualSize = request.size
   if let backing = request.backing {

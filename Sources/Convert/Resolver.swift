@@ -31,7 +31,9 @@ public struct Resolver {
 
   /// Opens the image the user named, as `format` or probed when nil.
   public func openImage(_ name: String, format: String?) throws -> ImageReader {
-    try registry.open(try openSource(name), format: format)
+    // A format name that means nothing is the user's mistake whatever the file is.
+    if let format { _ = try registry.format(named: format, for: name) }
+    return try registry.open(try openSource(name), format: format)
   }
 
   /// The path a name held by the image at `referrer` stands for: absolute names stand,

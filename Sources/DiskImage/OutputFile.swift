@@ -11,6 +11,9 @@ import CLacunaSys
 public final class OutputFile: ByteTarget {
   /// The destination path as the user gave it.
   public let path: String
+  /// Where the output is renamed to: `path`, or the file a symbolic link at `path` points
+  /// to (the link stays, and reads the new image).
+  public let finalPath: String
   /// The temporary file's path while the output is being written.
   public let temporaryPath: String
   /// The open temporary file; writers write here.
@@ -28,12 +31,16 @@ public final class OutputFile: ByteTarget {
   private var flusherError: Int32 = 0
   private var finished = false
 
-  /// Creates the temporary file beside `path`. Installs the signal handlers on first use.
+  /// Creates the temporary file beside `path` (beside the file it links to, for a symbolic
+  /// link), after `checkDestination`. A file that is replaced passes its mode, owner and
+  /// group on to the new one. Installs the signal handlers on first use.
   public init(creatingBeside path: String) throws {
     OutputFile.installHandlersOnce
     self.path = path
-    let (directory, name) = splitPath(path)
-    let template = (directory.isEmpty ? "" : directory + "/") + ".\(name).lacuna-XXXXXX"
+    let (finalPath, existing) = try OutputFile.checkDestination(path)
+    self.finalPath = finalPath
+    let (directory, name) = splitPath(finalPath)
+    let template = (directory.isEmpty ? "" : directory + "/") + "." + OutputFile.shortened(name) + ".lacuna-XXXXXX"
     var buffer = Array(template.utf8CString)
     var slot: Int32 = -1
     let fd = buffer.withUnsafeMutableBufferPointer { lacuna_make_registered_temporary($0.baseAddress!, &slot) }
@@ -41,10 +48,67 @@ public final class OutputFile: ByteTarget {
       throw ImageError.system(path: path, operation: "create a temporary file in \(directory.isEmpty ? "." : directory)", errno: errno)
     }
     temporaryPath = String(cString: buffer)
-    fchmod(fd, 0o644 & ~OutputFile.umaskValue)
+    if let existing {
+      // A private disk stays private; a file owned by someone else stays theirs (as root;
+      // otherwise fchown fails and the mode alone is kept).
+      _ = fchown(fd, existing.st_uid, existing.st_gid)
+      fchmod(fd, existing.st_mode & 0o7777)
+    } else {
+      fchmod(fd, 0o644 & ~OutputFile.umaskValue)
+    }
     cleanupSlot = slot
     file = ImageFile.adoptWritable(descriptor: fd, path: path)
     flusher = lacuna_flusher_start(fd)
+  }
+
+  /// What a destination may be, decided before any work: a new name or a regular file
+  /// (replaced), or a symbolic link to one (its target replaced). A directory, a name
+  /// ending in `/`, a device, a FIFO or a socket is refused: replacing it with a regular
+  /// file would silently give the user something else than asked. Returns the path to
+  /// rename to and the file there now, if any.
+  public static func checkDestination(_ path: String) throws -> (finalPath: String, existing: stat?) {
+    if path.hasSuffix("/") {
+      throw ImageError.usage(path: path, "names a directory; give the output a file name")
+    }
+    var finalPath = path
+    var info = stat()
+    // Follow symbolic links by hand, so a dangling one still leads to where the image goes.
+    for _ in 0..<40 {
+      guard lstat(finalPath, &info) == 0 else {
+        if errno == ENOENT { return (finalPath, nil) }
+        throw ImageError.system(path: path, operation: "stat", errno: errno)
+      }
+      guard (info.st_mode & S_IFMT) == S_IFLNK else { break }
+      var target = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+      let n = readlink(finalPath, &target, target.count - 1)
+      guard n >= 0 else { throw ImageError.system(path: path, operation: "read the symbolic link", errno: errno) }
+      let link = String(decoding: target[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+      let directory = splitPath(finalPath).directory
+      finalPath = link.hasPrefix("/") || directory.isEmpty ? link : directory + "/" + link
+    }
+    let type = info.st_mode & S_IFMT
+    if type == S_IFLNK {
+      throw ImageError.system(path: path, operation: "follow the symbolic link", errno: ELOOP)
+    }
+    guard type == S_IFREG else {
+      let hint = type == S_IFBLK ? " (writing to block devices is not supported yet)" : ""
+      throw ImageError.usage(
+        path: path, "is \(describeFileType(type)); lacuna writes image files and will not replace it\(hint)")
+    }
+    return (finalPath, info)
+  }
+
+  /// `name` cut (on a character boundary) so that ".NAME.lacuna-XXXXXX" fits in a file
+  /// name (NAME_MAX, 255 bytes): any name that fits on its own works as a destination.
+  static func shortened(_ name: String) -> String {
+    let room = Int(NAME_MAX) - ".".utf8.count - ".lacuna-XXXXXX".utf8.count
+    guard name.utf8.count > room else { return name }
+    var result = ""
+    for character in name {
+      guard result.utf8.count + character.utf8.count <= room else { break }
+      result.append(character)
+    }
+    return result
   }
 
   private func stopFlusher() {
@@ -64,6 +128,7 @@ public final class OutputFile: ByteTarget {
   public init(standardOutput: Void) {
     OutputFile.installHandlersOnce  // SIGPIPE ignored: a closed pipe is EPIPE, an error
     path = "-"
+    finalPath = "-"
     temporaryPath = ""
     file = ImageFile.adoptWritable(descriptor: STDOUT_FILENO, path: "standard output")
     cleanupSlot = -1
@@ -151,12 +216,12 @@ public final class OutputFile: ByteTarget {
         try file.synchronize()
       }
       try file.closeChecked()
-      guard rename(temporaryPath, path) == 0 else {
+      guard rename(temporaryPath, finalPath) == 0 else {
         throw ImageError.system(path: path, operation: "rename \(temporaryPath) into place", errno: errno)
       }
       finished = true
       lacuna_cleanup_unregister(cleanupSlot)
-      let directory = splitPath(path).directory
+      let directory = splitPath(finalPath).directory
       let dfd = synchronizes ? open(directory.isEmpty ? "." : directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1
       if dfd >= 0 {
         defer { Glibc.close(dfd) }

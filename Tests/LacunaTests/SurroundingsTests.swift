@@ -82,4 +82,69 @@ final class SurroundingsTests: XCTestCase {
     let info = try lacuna("info", "--output=json", device)
     XCTAssertTrue(info.stdout.contains("\"virtual-size\": \(8 << 20)"), info.stdout)
   }
+
+  /// What is at the destination decides what happens, before any work: a directory, a
+  /// device or a FIFO is refused untouched; a symbolic link's target is replaced and the
+  /// link kept; a replaced file keeps its mode, owner and group; long names work.
+  func testDestinationsAreTreatedAsWhatTheyAre() throws {
+    let dir = try temporaryDirectory(self)
+    func path(_ name: String) -> String { dir.appendingPathComponent(name).path }
+    var bytes = [UInt8](repeating: 0, count: 1 << 20)
+    for index in 0..<4096 { bytes[index] = 0x61 }
+    try Data(bytes).write(to: URL(fileURLWithPath: path("src.img")))
+    try FileManager.default.createDirectory(atPath: path("dir"), withIntermediateDirectories: true)
+    XCTAssertEqual(mkfifo(path("fifo"), 0o600), 0)
+    func contents(_ name: String) throws -> [UInt8] { [UInt8](try Data(contentsOf: URL(fileURLWithPath: path(name)))) }
+
+    // A character device of our own (the null device's numbers), never the system's
+    // /dev/null: a lacuna that regressed would replace it for the whole machine.
+    var refused = [("dir", "dir: is a directory"), ("dir/", "dir/: names a directory"), ("fifo", "fifo: is a FIFO")]
+    if getuid() == 0, mknod(path("null"), S_IFCHR | 0o666, dev_t((1 << 8) | 3)) == 0 {  // makedev(1, 3)
+      refused.append(("null", "null: is a character device"))
+    }
+    for (destination, message) in refused {
+      let outcome = try lacuna("convert", "-O", "raw", path("src.img"), dir.path + "/" + destination)
+      XCTAssertEqual(outcome.status, 2, "\(destination): \(outcome.stderr)")
+      XCTAssertTrue(outcome.stderr.contains(message), outcome.stderr)
+    }
+    var info = stat()
+    if refused.count == 4 {
+      XCTAssertEqual(stat(path("null"), &info), 0)
+      XCTAssertEqual(info.st_mode & S_IFMT, S_IFCHR, "the device is still a device")
+    }
+    XCTAssertEqual(stat(path("fifo"), &info), 0)
+    XCTAssertEqual(info.st_mode & S_IFMT, S_IFIFO)
+    XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: path("dir")), [])
+
+    // A private file owned by someone else stays private and theirs.
+    try Data("old".utf8).write(to: URL(fileURLWithPath: path("private.img")))
+    XCTAssertEqual(chmod(path("private.img"), 0o600), 0)
+    let owned = getuid() == 0 && chown(path("private.img"), 65534, 65534) == 0
+    XCTAssertEqual(try lacuna("convert", "-O", "raw", path("src.img"), path("private.img")).status, 0)
+    XCTAssertEqual(stat(path("private.img"), &info), 0)
+    XCTAssertEqual(info.st_mode & 0o7777, 0o600)
+    if owned {
+      XCTAssertEqual(info.st_uid, 65534)
+      XCTAssertEqual(info.st_gid, 65534)
+    }
+    XCTAssertEqual(try contents("private.img"), bytes)
+
+    // A symbolic link: its target gets the image, the link stays a link; a dangling link
+    // creates its target.
+    XCTAssertEqual(symlink("private.img", path("link.img")), 0)
+    XCTAssertEqual(symlink("made-by-link.img", path("dangling.img")), 0)
+    for link in ["link.img", "dangling.img"] {
+      XCTAssertEqual(try lacuna("convert", "-O", "raw", path("src.img"), path(link)).status, 0)
+      XCTAssertEqual(lstat(path(link), &info), 0)
+      XCTAssertEqual(info.st_mode & S_IFMT, S_IFLNK, "\(link) is still a link")
+    }
+    XCTAssertEqual(try contents("made-by-link.img"), bytes)
+
+    // The longest name a file system takes works: the temporary name is cut to fit.
+    let long = String(repeating: "n", count: 251) + ".img"
+    let outcome = try lacuna("convert", "-O", "raw", path("src.img"), path(long))
+    XCTAssertEqual(outcome.status, 0, outcome.stderr)
+    XCTAssertEqual(try contents(long), bytes)
+    XCTAssertFalse(try FileManager.default.contentsOfDirectory(atPath: dir.path).contains { $0.contains(".lacuna-") })
+  }
 }
