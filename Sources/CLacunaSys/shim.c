@@ -78,14 +78,31 @@ void lacuna_cleanup_unregister(int slot) {
   free(old);
 }
 
+// Every catchable signal whose default action ends the process: each removes the
+// temporary files before the process dies of it. (SIGPIPE and SIGXFSZ are ignored: they
+// become EPIPE and EFBIG errors, which are reported and clean up the same way.)
+static const int cleanup_signals[] = {
+  SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF, SIGXCPU,
+  SIGIO, SIGPWR, SIGSTKFLT,
+};
+#define CLEANUP_SIGNAL_COUNT (int)(sizeof cleanup_signals / sizeof cleanup_signals[0])
+
+static void cleanup_signal_set(sigset_t *set) {
+  sigemptyset(set);
+  for (int i = 0; i < CLEANUP_SIGNAL_COUNT; i++) sigaddset(set, cleanup_signals[i]);
+}
+
+// While an output is renamed into place, a signal is deferred: the rename and the exit
+// status must agree (a signal that killed the process after its output appeared would
+// report a failure that did not happen).
+static volatile sig_atomic_t committing = 0;
+static volatile sig_atomic_t deferred_signal = 0;
+
 int lacuna_make_registered_temporary(char *template_path, int *slot) {
-  // With SIGINT, SIGTERM and SIGHUP held back, the file and its cleanup slot come into
-  // being together: a signal can no longer land between the two and leave the file behind.
+  // With the cleanup signals held back, the file and its cleanup slot come into being
+  // together: a signal can no longer land between the two and leave the file behind.
   sigset_t held, previous;
-  sigemptyset(&held);
-  sigaddset(&held, SIGINT);
-  sigaddset(&held, SIGTERM);
-  sigaddset(&held, SIGHUP);
+  cleanup_signal_set(&held);
   pthread_sigmask(SIG_BLOCK, &held, &previous);
   int fd = mkostemp(template_path, O_CLOEXEC);
   *slot = fd >= 0 ? lacuna_cleanup_register(template_path) : -1;
@@ -116,6 +133,10 @@ int lacuna_ensure_standard_descriptors(void) {
 }
 
 static void cleanup_and_die(int sig) {
+  if (committing) {
+    deferred_signal = sig;
+    return;
+  }
   for (int i = 0; i < CLEANUP_SLOTS; i++) {
     char *path = cleanup_paths[i];
     if (path) unlink(path);
@@ -129,9 +150,27 @@ void lacuna_install_signal_handlers(void) {
   memset(&action, 0, sizeof action);
   action.sa_handler = cleanup_and_die;
   sigemptyset(&action.sa_mask);
-  sigaction(SIGINT, &action, NULL);
-  sigaction(SIGTERM, &action, NULL);
-  sigaction(SIGHUP, &action, NULL);
+  cleanup_signal_set(&action.sa_mask);
+  for (int i = 0; i < CLEANUP_SIGNAL_COUNT; i++) {
+    struct sigaction old;
+    // A signal the parent left ignored (nohup's SIGHUP) stays ignored.
+    if (sigaction(cleanup_signals[i], NULL, &old) == 0 && old.sa_handler == SIG_IGN) continue;
+    sigaction(cleanup_signals[i], &action, NULL);
+  }
   signal(SIGPIPE, SIG_IGN);
   signal(SIGXFSZ, SIG_IGN);
+}
+
+void lacuna_commit_begin(void) {
+  deferred_signal = 0;
+  committing = 1;
+}
+
+void lacuna_commit_end(int succeeded) {
+  committing = 0;
+  int sig = deferred_signal;
+  deferred_signal = 0;
+  // The output is in place: the work the signal would have stopped is done, and the
+  // process goes on to exit 0. Otherwise the signal takes effect now, cleanup included.
+  if (sig && !succeeded) cleanup_and_die(sig);
 }

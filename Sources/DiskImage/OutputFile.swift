@@ -216,11 +216,15 @@ public final class OutputFile: ByteTarget {
         try file.synchronize()
       }
       try file.closeChecked()
+      lacuna_commit_begin()
       guard rename(temporaryPath, finalPath) == 0 else {
-        throw ImageError.system(path: path, operation: "rename \(temporaryPath) into place", errno: errno)
+        let code = errno
+        lacuna_commit_end(0)
+        throw ImageError.system(path: path, operation: "rename \(temporaryPath) into place", errno: code)
       }
       finished = true
       lacuna_cleanup_unregister(cleanupSlot)
+      lacuna_commit_end(1)
       let directory = splitPath(finalPath).directory
       let dfd = synchronizes ? open(directory.isEmpty ? "." : directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1
       if dfd >= 0 {

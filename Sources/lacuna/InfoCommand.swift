@@ -66,6 +66,8 @@ struct InfoCommand: ParsableCommand {
   }
 
   /// One layer as qemu-img's human `info` prints it.
+  /// One layer as qemu-img's human `info` prints it. Names and values come from inside
+  /// images: each line is escaped, so no control character reaches the terminal.
   func humanDescription(_ layer: ImageReader) throws -> String {
     var lines = [
       "image: \(layer.path)",
@@ -86,7 +88,7 @@ struct InfoCommand: ParsableCommand {
         lines.append("    \(key.replacingOccurrences(of: "-", with: " ")): \(humanValue(value))")
       }
     }
-    return lines.joined(separator: "\n")
+    return lines.map(escapingControlCharacters).joined(separator: "\n")
   }
 
   func humanValue(_ value: InfoValue) -> String {

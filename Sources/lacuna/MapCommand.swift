@@ -56,7 +56,7 @@ struct MapCommand: ParsableCommand {
         first = false
       } else if extent.kind == .data, let offset = extent.hostOffset {
         writeOut(pad(hexNumber(extent.range.lowerBound)) + pad(hexNumber(extent.length)) + pad(hexNumber(offset))
-          + chain.layers[extent.depth].path + "\n")
+          + escapingControlCharacters(chain.layers[extent.depth].path) + "\n")
       }
     }
     while position < end {

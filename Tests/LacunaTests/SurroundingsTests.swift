@@ -147,4 +147,50 @@ final class SurroundingsTests: XCTestCase {
     XCTAssertEqual(try contents(long), bytes)
     XCTAssertFalse(try FileManager.default.contentsOfDirectory(atPath: dir.path).contains { $0.contains(".lacuna-") })
   }
+
+  /// Every catchable signal that ends the process removes the temporary file, not only
+  /// SIGINT and SIGTERM.
+  func testEveryTerminatingSignalLeavesNothing() throws {
+    let dir = try temporaryDirectory(self)
+    let src = dir.appendingPathComponent("src.img").path
+    let dst = dir.appendingPathComponent("dst.img").path
+    // 512 MiB of non-zero data: seconds to copy with one thread, time enough to interrupt.
+    let fd = open(src, O_CREAT | O_WRONLY | O_TRUNC, 0o644)
+    let block = [UInt8](repeating: 0x5c, count: 1 << 20)
+    for i in 0..<512 { _ = block.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(i) << 20) } }
+    close(fd)
+    func listing() -> [String] { ((try? FileManager.default.contentsOfDirectory(atPath: dir.path)) ?? []).sorted() }
+    for signal in [SIGUSR1, SIGUSR2, SIGALRM, SIGHUP, SIGPROF] {  // (SIGQUIT and SIGXCPU too, untested: they dump core)
+      let process = Process()
+      process.executableURL = URL(fileURLWithPath: try lacunaBinary())
+      process.arguments = ["convert", "-m", "1", "-S", "0", "-O", "raw", src, dst]
+      try process.run()
+      let deadline = Date().addingTimeInterval(20)
+      while !listing().contains(where: { $0.hasPrefix(".dst.img.lacuna-") }) && Date() < deadline { usleep(2000) }
+      kill(process.processIdentifier, signal)
+      process.waitUntilExit()
+      XCTAssertEqual(process.terminationReason, .uncaughtSignal, "signal \(signal): the conversion finished first")
+      XCTAssertEqual(process.terminationStatus, signal, "dies of the signal it got")
+      XCTAssertEqual(listing(), ["src.img"], "signal \(signal) left files behind")
+    }
+  }
+
+  /// Strings from inside an image never reach the terminal raw: a backing name with an
+  /// escape sequence and a newline is printed escaped, on one line.
+  func testStringsFromImagesAreEscapedInTextOutput() throws {
+    let qemu = try requireQemuImg()
+    let dir = try temporaryDirectory(self)
+    let image = dir.appendingPathComponent("evil.qcow2").path
+    let name = "evil\u{1b}[31mred\nname"
+    let made = try runProgram(qemu, ["create", "-q", "-f", "qcow2", "-u", "-b", name, "-F", "raw", image, "1M"])
+    XCTAssertEqual(made.status, 0, made.stderr)
+    let info = try lacuna("info", image)
+    XCTAssertEqual(info.status, 0, info.stderr)
+    XCTAssertTrue(info.stdout.contains("backing file: evil\\u{1b}[31mred\\nname"), info.stdout)
+    XCTAssertFalse(info.stdout.contains("\u{1b}"))
+    let convert = try lacuna("convert", "-O", "raw", image, dir.appendingPathComponent("out.img").path)
+    XCTAssertEqual(convert.status, 1)
+    XCTAssertEqual(convert.stderr.split(separator: "\n").count, 1, convert.stderr)
+    XCTAssertFalse(convert.stderr.contains("\u{1b}"), convert.stderr)
+  }
 }

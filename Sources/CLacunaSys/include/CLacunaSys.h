@@ -28,6 +28,12 @@ void lacuna_byte_histogram(const void *buffer, size_t length, uint64_t *counts);
 /// True when all `length` bytes at `buffer` are zero (vectorised by the compiler and libc).
 int lacuna_is_zero(const void *buffer, size_t length);
 
+/// Around the final rename: signals that arrive in between are deferred; after a rename
+/// that succeeded they are dropped (the output is complete and in place), after one that
+/// failed they take effect, temporary files removed.
+void lacuna_commit_begin(void);
+void lacuna_commit_end(int succeeded);
+
 /// lacuna_make_temporary, and the new path registered for cleanup (`*slot`), with the
 /// cleanup signals held back in between so none can leave the file behind.
 int lacuna_make_registered_temporary(char *template_path, int *slot);
