@@ -24,9 +24,14 @@ public struct Resolver {
 
   public init(registry: FormatRegistry) { self.registry = registry }
 
-  /// Opens what `name` names for reading: a local file (or block device) today.
+  /// Opens what `name` names for reading: a local file (or block device) today. An
+  /// untrusted image is read only from a regular file.
   public func openSource(_ name: String) throws -> ByteSource {
-    try ImageFile.openForReading(name)
+    let file = try ImageFile.openForReading(name)
+    if policy == .untrusted && file.isBlockDevice {
+      throw ImageError.unsupported(path: name, "is a block device; an untrusted image is read only from a regular file")
+    }
+    return file
   }
 
   /// Opens the image the user named, as `format` or probed when nil.
@@ -41,7 +46,7 @@ public struct Resolver {
   /// does). Names that are not plain file names (URLs, `json:` specifications) are refused.
   public func resolve(_ name: String, heldBy referrer: String, what: String = "backing file") throws -> String {
     if policy == .untrusted {
-      throw ImageError.usage(
+      throw ImageError.unsupported(
         path: referrer, "names \(what) '\(name)'; an untrusted image may not make lacuna open other files")
     }
     if name.isEmpty {

@@ -73,6 +73,11 @@ struct ConvertCommand: ParsableCommand {
   @Flag(name: .customLong("summary"), help: "Print a summary line when done (bytes read, written, skipped; time).")
   var summary = false
 
+  @Flag(
+    name: .customLong("untrusted"),
+    help: "The image comes from elsewhere (an upload): refuse it if it names any other file (a backing file), and read only regular files.")
+  var untrusted = false
+
   @Argument(help: "The source image.")
   var source: String
 
@@ -107,7 +112,7 @@ struct ConvertCommand: ParsableCommand {
     request.engine.progress = meter.map { meter in { meter.update(done: $0, total: $1) } }
     request.warn = { printError($0) }
 
-    let conversion = try Conversion.open(request, resolver: resolver)
+    let conversion = try Conversion.open(request, resolver: resolver(untrusted: untrusted))
     let statistics = try conversion.run()
     meter?.finish()
     guard summary && !quiet else { return }

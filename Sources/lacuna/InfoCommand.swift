@@ -24,16 +24,20 @@ struct InfoCommand: ParsableCommand {
   @Flag(name: .customLong("backing-chain"), help: "Show every image of the backing chain.")
   var backingChain = false
 
+  @Flag(
+    name: .customLong("untrusted"),
+    help: "The image comes from elsewhere (an upload): refuse it if it names any other file (a backing file), and read only regular files.")
+  var untrusted = false
+
   @Argument(help: "The image.")
   var image: String
 
   func run() throws {
-    let layers: [ImageReader]
-    if backingChain {
-      layers = try resolver.openChain(image, format: format).layers
-    } else {
-      layers = [try resolver.openImage(image, format: format)]
-    }
+    // An untrusted image is refused if it names another file, even when only the image
+    // itself is shown: that is the check uploads need.
+    let chain = try resolver(untrusted: untrusted).openChain(
+      image, format: format, followBacking: backingChain || untrusted)
+    let layers = backingChain ? chain.layers : [chain.top]
     for layer in layers { for warning in layer.warnings { printError("\(layer.path): \(warning)") } }
     let described = try layers.map(describe)
     switch output {

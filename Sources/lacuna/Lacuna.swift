@@ -38,6 +38,13 @@ let registry = FormatRegistry(formats: [QCOW2.format, SparseStream.format], fall
 /// How every name the user gives or an image holds becomes an image.
 let resolver = Resolver(registry: registry)
 
+/// The resolver for a verb: `--untrusted` opens no file an image names.
+func resolver(untrusted: Bool) -> Resolver {
+  var chosen = resolver
+  if untrusted { chosen.policy = .untrusted }
+  return chosen
+}
+
 /// A failure that is not an image's fault, with the exit status it deserves.
 struct CommandFailure: Error {
   var message: String

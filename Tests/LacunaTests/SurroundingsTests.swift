@@ -193,4 +193,30 @@ final class SurroundingsTests: XCTestCase {
     XCTAssertEqual(convert.stderr.split(separator: "\n").count, 1, convert.stderr)
     XCTAssertFalse(convert.stderr.contains("\u{1b}"), convert.stderr)
   }
+
+  /// `--untrusted`, for uploads: an image that names another file is refused by convert,
+  /// info and map, naming what it names; a plain image is handled as usual.
+  func testUntrustedImagesOpenNoOtherFile() throws {
+    let qemu = try requireQemuImg()
+    let dir = try temporaryDirectory(self)
+    func path(_ name: String) -> String { dir.appendingPathComponent(name).path }
+    try runProgram(qemu, ["create", "-q", "-f", "raw", path("secret"), "1M"])
+    let made = try runProgram(qemu, ["create", "-q", "-f", "qcow2", "-b", path("secret"), "-F", "raw", path("upload.qcow2")])
+    XCTAssertEqual(made.status, 0, made.stderr)
+    for arguments in [
+      ["convert", "--untrusted", "-O", "raw", path("upload.qcow2"), path("out.img")],
+      ["info", "--untrusted", path("upload.qcow2")], ["map", "--untrusted", path("upload.qcow2")],
+    ] {
+      let outcome = try lacuna(arguments)
+      XCTAssertEqual(outcome.status, 1, "\(arguments[0]): \(outcome.stderr)")
+      XCTAssertTrue(outcome.stderr.contains("upload.qcow2: names backing file '\(path("secret"))'"), outcome.stderr)
+      XCTAssertTrue(outcome.stdout.isEmpty, outcome.stdout)
+    }
+    XCTAssertFalse(FileManager.default.fileExists(atPath: path("out.img")))
+    // Without the flag the chain is followed, as qemu-img follows it.
+    XCTAssertEqual(try lacuna(["convert", "-O", "raw", path("upload.qcow2"), path("out.img")]).status, 0)
+    // A plain image is fine.
+    try runProgram(qemu, ["create", "-q", "-f", "qcow2", path("plain.qcow2"), "1M"])
+    XCTAssertEqual(try lacuna(["convert", "--untrusted", "-O", "raw", path("plain.qcow2"), path("plain.img")]).status, 0)
+  }
 }

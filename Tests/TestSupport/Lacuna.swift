@@ -18,3 +18,9 @@ public func lacunaBinary() throws -> String {
 public func lacuna(_ arguments: String..., in directory: URL? = nil) throws -> Outcome {
   try runProgram(try lacunaBinary(), arguments, in: directory)
 }
+
+/// Runs lacuna with these arguments, given as a list.
+@discardableResult
+public func lacuna(_ arguments: [String], in directory: URL? = nil) throws -> Outcome {
+  try runProgram(try lacunaBinary(), arguments, in: directory)
+}
