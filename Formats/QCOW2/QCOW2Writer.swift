@@ -88,6 +88,12 @@ public final class QCOW2Writer: PreparingImageWriter {
     guard virtualSize >= 0 else {
       throw ImageError.usage(path: path, "virtual size \(virtualSize) is negative")
     }
+    // qemu's limit on the L1 table (32 MiB) bounds a qcow2 disk at 2^61 bytes with 2 MiB
+    // clusters; sizes near 2^63 are refused before any arithmetic on them.
+    guard virtualSize <= 1 << 61 else {
+      throw ImageError.usage(
+        path: path, "virtual size \(virtualSize) is larger than a qcow2 image can hold (at most 2^61 bytes, with cluster_size=2M)")
+    }
     if let backing = options.backing {
       if backing.name.utf8.count > 1023 {
         throw ImageError.usage(

@@ -14,7 +14,7 @@ extension Converter {
     func add(_ extents: [LayeredExtent]) {
       for extent in extents where extent.kind == .data {
         let start = max(range.lowerBound, extent.range.lowerBound / granularity * granularity)
-        let end = min(range.upperBound, (extent.range.upperBound + granularity - 1) / granularity * granularity)
+        let end = min(range.upperBound, roundedUp(extent.range.upperBound, to: granularity) ?? range.upperBound)
         interesting.append(start..<end)
       }
     }
@@ -49,7 +49,7 @@ extension Converter {
     var position = offset
     let end = offset + Int64(bytes.count)
     while position < end {
-      let granuleEnd = min(end, (position / granularity + 1) * granularity)
+      let granuleEnd = nextBoundary(after: position, step: granularity, limit: end)
       let local = Int(position - offset)..<Int(granuleEnd - offset)
       let mine = UnsafeRawBufferPointer(rebasing: bytes[local])
       if memcmp(mine.baseAddress!, other.baseAddress! + local.lowerBound, local.count) == 0 {

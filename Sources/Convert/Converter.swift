@@ -447,7 +447,7 @@ public final class Converter {
       while position < step.range.upperBound {
         if position >= chunkEnd {
           flush()
-          chunkEnd = (position / unit + 1) * unit
+          chunkEnd = nextBoundary(after: position, step: unit, limit: Int64.max)
         }
         // Whole chunks without data go to the writer as one run: the cost follows the
         // extents, not the size of the disk.
@@ -495,7 +495,7 @@ public final class Converter {
       var position = segment.range.lowerBound
       while position < segment.range.upperBound {
         let granule = position / granularity
-        let end = min(segment.range.upperBound, (granule + 1) * granularity)
+        let end = nextBoundary(after: position, step: granularity, limit: segment.range.upperBound)
         result.appendMerging(Segment(range: position..<end, source: mixed.contains(granule) ? .chain : .backing))
         position = end
       }

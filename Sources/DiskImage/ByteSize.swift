@@ -20,3 +20,18 @@ public func parseByteSize(_ text: String) -> Int64? {
   guard let value = Double(digits), value >= 0, value * Double(multiplier) < 9.2e18 else { return nil }
   return Int64(value * Double(multiplier))
 }
+
+/// The first multiple of `step` after `position`, or `limit` if that comes first; never
+/// overflows, however close to 2^63 the disk ends (a stream may claim any size).
+@inlinable public func nextBoundary(after position: Int64, step: Int64, limit: Int64) -> Int64 {
+  let toBoundary = step - position % step
+  return position + min(toBoundary, limit - position)
+}
+
+/// `value` rounded up to a multiple of `step`, or nil when that does not fit in 63 bits.
+@inlinable public func roundedUp(_ value: Int64, to step: Int64) -> Int64? {
+  let remainder = value % step
+  guard remainder != 0 else { return value }
+  let (result, overflow) = value.addingReportingOverflow(step - remainder)
+  return overflow ? nil : result
+}

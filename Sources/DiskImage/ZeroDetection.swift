@@ -24,7 +24,7 @@ public func zeroRuns(
   var position = offset
   let block = Int64(blockSize)
   while position < end {
-    let blockEnd = min(end, (position / block + 1) * block)
+    let blockEnd = nextBoundary(after: position, step: block, limit: end)
     let slice = UnsafeRawBufferPointer(
       rebasing: bytes[Int(position - offset)..<Int(blockEnd - offset)])
     let zero = isAllZero(slice)

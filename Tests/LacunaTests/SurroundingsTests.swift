@@ -219,4 +219,47 @@ final class SurroundingsTests: XCTestCase {
     try runProgram(qemu, ["create", "-q", "-f", "qcow2", path("plain.qcow2"), "1M"])
     XCTAssertEqual(try lacuna(["convert", "--untrusted", "-O", "raw", path("plain.qcow2"), path("plain.img")]).status, 0)
   }
+
+  /// Sizes and offsets near 2^63, from arguments and from a stream (the receiving side
+  /// faces the network): every verb answers with an error or a result, never a trap, and
+  /// leaves no temporary file.
+  func testSizesNear2To63AreRefusedByNameNeverTrap() throws {
+    let dir = try temporaryDirectory(self)
+    func path(_ name: String) -> String { dir.appendingPathComponent(name).path }
+    let max = Int64.max
+    try Data(repeating: 1, count: 8192).write(to: URL(fileURLWithPath: path("small.img")))
+    func stream(_ size: Int64, zero: Int64, data: [UInt8]) -> Data {
+      var text = "LACUNA-STREAM 1\n" + String(format: "SIZE %020lld\nZERO %020lld\n", size, zero)
+      if !data.isEmpty { text += String(format: "DATA %020lld\n", Int64(data.count)) }
+      return Data(text.utf8) + Data(data)
+    }
+    try stream(max, zero: max, data: []).write(to: URL(fileURLWithPath: path("huge.stream")))
+    try stream(max, zero: max - 2, data: [0x61, 0x62]).write(to: URL(fileURLWithPath: path("tail.stream")))
+    try stream(max - 1, zero: max - 4097, data: [UInt8](repeating: 7, count: 4096)).write(to: URL(fileURLWithPath: path("odd.stream")))
+    var cases: [[String]] = []
+    for size in ["\(max)", "\(max - 1)", "\(max - 511)", "8191P", "\(Int64(1) << 62)"] {
+      cases.append(["create", "-f", "qcow2", path("c.qcow2"), size])
+      cases.append(["create", "-f", "qcow2", "-o", "cluster_size=2M", path("c.qcow2"), size])
+      cases.append(["create", "-f", "raw", path("c.img"), size])
+      cases.append(["map", "--start-offset", size, path("small.img")])
+      cases.append(["map", "--start-offset", "4096", "--max-length", size, path("small.img")])
+      cases.append(["convert", "-S", size, "-O", "raw", path("small.img"), path("c.img")])
+      cases.append(["sparsify", "-S", size, path("small.img")])
+    }
+    for input in ["huge.stream", "tail.stream", "odd.stream"] {
+      for format in ["raw", "qcow2", "stream"] {
+        cases.append(["convert", "-O", format, path(input), path("out.\(format)")])
+      }
+    }
+    for arguments in cases {
+      let outcome = try lacuna(arguments)
+      XCTAssertNil(outcome.signal, "\(arguments): killed by signal \(outcome.signal ?? 0): \(outcome.stderr)")
+      // An image's or the system's refusal is one line (usage errors print the usage too).
+      if outcome.status == 1 {
+        XCTAssertEqual(outcome.stderr.split(separator: "\n").count, 1, "\(arguments): \(outcome.stderr)")
+      }
+      let left = try FileManager.default.contentsOfDirectory(atPath: dir.path).filter { $0.contains(".lacuna-") }
+      XCTAssertEqual(left, [], "\(arguments) left temporary files")
+    }
+  }
 }
