@@ -21,6 +21,9 @@ public struct Resolver {
   /// check, or a hostile image, must not exhaust file descriptors).
   public var depthLimit = 64
   public var policy = Policy.trusted
+  /// `-U` (qemu-img's `--force-share`): read images without qemu's locks, even one a VM is
+  /// writing (the copy may then be inconsistent).
+  public var forceShare = false
 
   public init(registry: FormatRegistry) { self.registry = registry }
 
@@ -31,6 +34,7 @@ public struct Resolver {
     if policy == .untrusted && file.isBlockDevice {
       throw ImageError.unsupported(path: name, "is a block device; an untrusted image is read only from a regular file")
     }
+    if !forceShare { try file.lock(for: .reading) }
     return file
   }
 

@@ -37,7 +37,9 @@ public struct Sparsifier {
   /// Opens the image at `path` for sparsifying in place, after deciding on a read-only
   /// descriptor that it is a regular file of a format that is the disk byte for byte: an
   /// image of any other format is never opened for writing.
-  public static func open(_ path: String, format: String?, blockSize: Int, registry: FormatRegistry) throws -> Sparsifier {
+  public static func open(
+    _ path: String, format: String?, blockSize: Int, registry: FormatRegistry, forceShare: Bool = false
+  ) throws -> Sparsifier {
     let reading = try ImageFile.openForReading(path)
     guard (try reading.status().st_mode & S_IFMT) == S_IFREG else {
       throw ImageError.usage(path: path, "is not a regular file; sparsify punches holes in raw image files")
@@ -62,6 +64,8 @@ public struct Sparsifier {
     guard try file.identity() == reading.identity() else {
       throw ImageError.usage(path: path, "the file changed while being opened; try again")
     }
+    // What a writer holds: a VM using the image, or a conversion reading it, refuses us.
+    if !forceShare { try file.lock(for: .writingInPlace) }
     reading.close()
     return Sparsifier(file: file, blockSize: blockSize)
   }

@@ -83,6 +83,38 @@ public final class ImageFile: ByteSource, @unchecked Sendable {
     return info
   }
 
+  /// What the file is opened for, in qemu's terms, for `lock(for:)`.
+  public enum Use {
+    /// Read, and let nobody write or resize meanwhile (what `qemu-img convert` takes of
+    /// its source).
+    case reading
+    /// Read and write in place, and let nobody else write or resize meanwhile.
+    case writingInPlace
+  }
+
+  /// Takes the byte-range locks qemu takes on image files, so lacuna and qemu see each
+  /// other: a file a running VM is writing is refused ("in use"), and while lacuna holds
+  /// it, qemu cannot start writing it. The locks last as long as the descriptor. Where the
+  /// file system has no such locks, nothing is taken and nothing is refused.
+  public func lock(for use: Use) throws {
+    let (held, unshared): (UInt32, UInt32) =
+      switch use {
+      case .reading: (0b0001, 0b1010)
+      case .writingInPlace: (0b0011, 0b1010)
+      }
+    let result = lacuna_lock_image(descriptor, held, unshared)
+    if result == 1 {
+      throw ImageError.unsupported(
+        path: path,
+        use == .reading
+          ? "in use: another process holds a write lock (a running VM?); -U to read anyway"
+          : "in use: another process has the image open; -U to write anyway")
+    }
+    if result < 0 && errno != EINVAL && errno != ENOLCK && errno != EOPNOTSUPP && errno != ENOSYS {
+      throw ImageError.system(path: path, operation: "lock (as qemu does)", errno: errno)
+    }
+  }
+
   /// The file's size in bytes; for a block device, the device's.
   public func size() throws -> Int64 {
     guard isBlockDevice else { return Int64(try status().st_size) }

@@ -74,6 +74,11 @@ struct ConvertCommand: ParsableCommand {
   var summary = false
 
   @Flag(
+    name: [.customShort("U"), .customLong("force-share")],
+    help: "Read the image even if a running VM holds it for writing (qemu's locks are ignored; the copy may be inconsistent).")
+  var forceShare = false
+
+  @Flag(
     name: .customLong("untrusted"),
     help: "The image comes from elsewhere (an upload): refuse it if it names any other file (a backing file), and read only regular files.")
   var untrusted = false
@@ -112,7 +117,7 @@ struct ConvertCommand: ParsableCommand {
     request.engine.progress = meter.map { meter in { meter.update(done: $0, total: $1) } }
     request.warn = { printError($0) }
 
-    let conversion = try Conversion.open(request, resolver: resolver(untrusted: untrusted))
+    let conversion = try Conversion.open(request, resolver: resolver(untrusted: untrusted, forceShare: forceShare))
     let statistics = try conversion.run()
     meter?.finish()
     guard summary && !quiet else { return }

@@ -38,10 +38,12 @@ let registry = FormatRegistry(formats: [QCOW2.format, SparseStream.format], fall
 /// How every name the user gives or an image holds becomes an image.
 let resolver = Resolver(registry: registry)
 
-/// The resolver for a verb: `--untrusted` opens no file an image names.
-func resolver(untrusted: Bool) -> Resolver {
+/// The resolver for a verb: `--untrusted` opens no file an image names; `-U` reads
+/// without qemu's locks.
+func resolver(untrusted: Bool, forceShare: Bool) -> Resolver {
   var chosen = resolver
   if untrusted { chosen.policy = .untrusted }
+  chosen.forceShare = forceShare
   return chosen
 }
 

@@ -34,6 +34,11 @@ struct SparsifyCommand: ParsableCommand {
   @Flag(name: .customLong("summary"), help: "Print a summary line when done (bytes scanned and punched, allocation before and after).")
   var summary = false
 
+  @Flag(
+    name: [.customShort("U"), .customLong("force-share")],
+    help: "Write even if another process (a VM, a conversion) has the image open (qemu's locks are ignored).")
+  var forceShare = false
+
   @Argument(help: "The raw image to sparsify in place.")
   var image: String
 
@@ -45,7 +50,8 @@ struct SparsifyCommand: ParsableCommand {
 
   func run() throws {
     let started = Date()
-    let sparsifier = try Sparsifier.open(image, format: format, blockSize: Int(parseByteSize(sparseSize)!), registry: registry)
+    let sparsifier = try Sparsifier.open(
+      image, format: format, blockSize: Int(parseByteSize(sparseSize)!), registry: registry, forceShare: forceShare)
     let statistics = try sparsifier.run()
     try sparsifier.file.closeChecked()
     if summary {

@@ -41,6 +41,12 @@ int lacuna_make_registered_temporary(char *template_path, int *slot);
 /// The size of the block device open at `fd` (ioctl BLKGETSIZE64); -1 and errno on failure.
 int lacuna_block_device_size(int fd, uint64_t *size);
 
+/// Takes qemu's image locks on `fd`: the permissions in `held` and the ones in `unshared`
+/// (bit 0 consistent read, 1 write, 2 write unchanged, 3 resize, 4 graph change). Returns
+/// 0 when taken, 1 when another process conflicts (a VM writing the image), -1 with errno
+/// when the file system has no such locks.
+int lacuna_lock_image(int fd, unsigned held, unsigned unshared);
+
 /// Opens /dev/null on each of descriptors 0, 1 and 2 that is closed, so no file lacuna
 /// opens later takes their place. Returns -1 when that fails.
 int lacuna_ensure_standard_descriptors(void);
