@@ -52,7 +52,8 @@ struct MapCommand: ParsableCommand {
       throw ValidationError("--start-offset and --max-length take a size")
     }
     let end = min(chain.virtualSize, start &+ length < start ? Int64.max : start + length)
-    let window: Int64 = 1 << 30
+    // 64 MiB at a time: memory follows the extents of a window, not of the disk.
+    let window: Int64 = 64 << 20
     var position = start
     var first = true
     if output == .json { writeOut("[") } else {
@@ -70,7 +71,7 @@ struct MapCommand: ParsableCommand {
       }
     }
     while position < end {
-      let windowEnd = min(end, position + window)
+      let windowEnd = position + min(window, end - position)
       for extent in try chain.extents(in: position..<windowEnd) {
         if var last = pending, last.canMerge(with: extent) {
           last.range = last.range.lowerBound..<extent.range.upperBound
