@@ -180,25 +180,26 @@ void lacuna_commit_end(int succeeded) {
 // permission p held and 200 + p for each permission p not shared with others
 // (p: 0 consistent read, 1 write, 2 write unchanged, 3 resize, 4 graph change). A holder
 // conflicts with anyone who unshares what it holds, or holds what it unshares.
+// One byte's lock: `command` F_OFD_SETLK (take a read lock) or F_OFD_GETLK (ask whether
+// another open file description holds one, by asking for a write lock).
+static int lock_call(int fd, int command, short type, int64_t byte, struct flock *lock) {
+  memset(lock, 0, sizeof *lock);
+  lock->l_type = type;
+  lock->l_whence = SEEK_SET;
+  lock->l_start = byte;
+  lock->l_len = 1;
+  return fcntl(fd, command, lock);
+}
+
 static int lock_byte(int fd, int64_t byte) {
   struct flock lock;
-  memset(&lock, 0, sizeof lock);
-  lock.l_type = F_RDLCK;
-  lock.l_whence = SEEK_SET;
-  lock.l_start = byte;
-  lock.l_len = 1;
-  return fcntl(fd, F_OFD_SETLK, &lock);
+  return lock_call(fd, F_OFD_SETLK, F_RDLCK, byte, &lock);
 }
 
 // 1 when another open file description holds a lock on `byte`, 0 when none does, -1 on error.
 static int byte_is_locked(int fd, int64_t byte) {
   struct flock lock;
-  memset(&lock, 0, sizeof lock);
-  lock.l_type = F_WRLCK;
-  lock.l_whence = SEEK_SET;
-  lock.l_start = byte;
-  lock.l_len = 1;
-  if (fcntl(fd, F_OFD_GETLK, &lock) != 0) return -1;
+  if (lock_call(fd, F_OFD_GETLK, F_WRLCK, byte, &lock) != 0) return -1;
   return lock.l_type != F_UNLCK;
 }
 

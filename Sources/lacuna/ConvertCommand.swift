@@ -73,15 +73,7 @@ struct ConvertCommand: ParsableCommand {
   @Flag(name: .customLong("summary"), help: "Print a summary line when done (bytes read, written, skipped; time).")
   var summary = false
 
-  @Flag(
-    name: [.customShort("U"), .customLong("force-share")],
-    help: "Read the image even if a running VM holds it for writing (qemu's locks are ignored; the copy may be inconsistent).")
-  var forceShare = false
-
-  @Flag(
-    name: .customLong("untrusted"),
-    help: "The image comes from elsewhere (an upload): refuse it if it names any other file (a backing file), and read only regular files.")
-  var untrusted = false
+  @OptionGroup var access: ImageAccess
 
   @Argument(help: "The source image.")
   var source: String
@@ -117,7 +109,7 @@ struct ConvertCommand: ParsableCommand {
     request.engine.progress = meter.map { meter in { meter.update(done: $0, total: $1) } }
     request.warn = { printError($0) }
 
-    let conversion = try Conversion.open(request, resolver: resolver(untrusted: untrusted, forceShare: forceShare))
+    let conversion = try Conversion.open(request, resolver: access.resolver)
     let statistics = try conversion.run()
     meter?.finish()
     guard summary && !quiet else { return }

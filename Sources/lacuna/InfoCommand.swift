@@ -24,15 +24,7 @@ struct InfoCommand: ParsableCommand {
   @Flag(name: .customLong("backing-chain"), help: "Show every image of the backing chain.")
   var backingChain = false
 
-  @Flag(
-    name: [.customShort("U"), .customLong("force-share")],
-    help: "Read the image even if a running VM holds it for writing (qemu's locks are ignored; the copy may be inconsistent).")
-  var forceShare = false
-
-  @Flag(
-    name: .customLong("untrusted"),
-    help: "The image comes from elsewhere (an upload): refuse it if it names any other file (a backing file), and read only regular files.")
-  var untrusted = false
+  @OptionGroup var access: ImageAccess
 
   @Argument(help: "The image.")
   var image: String
@@ -40,8 +32,8 @@ struct InfoCommand: ParsableCommand {
   func run() throws {
     // An untrusted image is refused if it names another file, even when only the image
     // itself is shown: that is the check uploads need.
-    let chain = try resolver(untrusted: untrusted, forceShare: forceShare).openChain(
-      image, format: format, followBacking: backingChain || untrusted)
+    let chain = try access.resolver.openChain(
+      image, format: format, followBacking: backingChain || access.untrusted)
     let layers = backingChain ? chain.layers : [chain.top]
     for layer in layers { for warning in layer.warnings { printError("\(layer.path): \(warning)") } }
     let described = try layers.map(describe)

@@ -38,13 +38,25 @@ let registry = FormatRegistry(formats: [QCOW2.format, SparseStream.format], fall
 /// How every name the user gives or an image holds becomes an image.
 let resolver = Resolver(registry: registry)
 
-/// The resolver for a verb: `--untrusted` opens no file an image names; `-U` reads
-/// without qemu's locks.
-func resolver(untrusted: Bool, forceShare: Bool) -> Resolver {
-  var chosen = resolver
-  if untrusted { chosen.policy = .untrusted }
-  chosen.forceShare = forceShare
-  return chosen
+/// How the verbs that read images may open them: `-U` and `--untrusted`.
+struct ImageAccess: ParsableArguments {
+  @Flag(
+    name: [.customShort("U"), .customLong("force-share")],
+    help: "Read the image even if a running VM holds it for writing (qemu's locks are ignored; the copy may be inconsistent).")
+  var forceShare = false
+
+  @Flag(
+    name: .customLong("untrusted"),
+    help: "The image comes from elsewhere (an upload): refuse it if it names any other file (a backing file), and read only regular files.")
+  var untrusted = false
+
+  /// The resolver these flags ask for.
+  var resolver: Resolver {
+    var chosen = Convert.Resolver(registry: registry)
+    if untrusted { chosen.policy = .untrusted }
+    chosen.forceShare = forceShare
+    return chosen
+  }
 }
 
 /// A failure that is not an image's fault, with the exit status it deserves.

@@ -32,21 +32,13 @@ struct MapCommand: ParsableCommand {
   @Option(name: .customLong("max-length"), help: "Map at most this many bytes.")
   var maxLength: String?
 
-  @Flag(
-    name: [.customShort("U"), .customLong("force-share")],
-    help: "Read the image even if a running VM holds it for writing (qemu's locks are ignored; the copy may be inconsistent).")
-  var forceShare = false
-
-  @Flag(
-    name: .customLong("untrusted"),
-    help: "The image comes from elsewhere (an upload): refuse it if it names any other file (a backing file), and read only regular files.")
-  var untrusted = false
+  @OptionGroup var access: ImageAccess
 
   @Argument(help: "The image.")
   var image: String
 
   func run() throws {
-    let chain = try resolver(untrusted: untrusted, forceShare: forceShare).openChain(image, format: format)
+    let chain = try access.resolver.openChain(image, format: format)
     for layer in chain.layers { for warning in layer.warnings { printError("\(layer.path): \(warning)") } }
     guard let start = startOffset.map(parseByteSize) ?? 0, let length = maxLength.map(parseByteSize) ?? Int64.max else {
       throw ValidationError("--start-offset and --max-length take a size")
