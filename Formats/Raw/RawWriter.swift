@@ -35,9 +35,13 @@ public final class RawWriter: ImageWriter {
   }
 
   public func writeZeroes(_ range: Range<Int64>) throws {
-    // The file is new: it already reads as zeros everywhere it has not been written.
-    guard preallocation == .full else { return }
-    try target.writeZeroBytes(range)
+    if preallocation == .full {
+      try target.writeZeroBytes(range)
+    } else if !target.readsAsZero {
+      // Written in place over old content: the range must be made zero.
+      try target.writeZeroes(range)
+    }
+    // Otherwise the file is new: it already reads as zeros where it was not written.
   }
 
   public func finish() throws { try target.commit() }

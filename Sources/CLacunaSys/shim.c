@@ -28,6 +28,16 @@ int lacuna_punch_hole(int fd, int64_t offset, int64_t length) {
   return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);
 }
 
+int lacuna_zero_file_range(int fd, int64_t offset, int64_t length) {
+  if (fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length) == 0) return 0;
+  return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);
+}
+
+int lacuna_zero_device_range(int fd, int64_t offset, int64_t length) {
+  uint64_t range[2] = {(uint64_t)offset, (uint64_t)length};
+  return ioctl(fd, BLKZEROOUT, range);
+}
+
 int lacuna_make_temporary(char *template_path) {
   return mkostemp(template_path, O_CLOEXEC);
 }

@@ -25,6 +25,12 @@ public struct ConversionRequest {
   public var backingFormat: String?
   /// False is `-t unsafe`: no fsync before the rename.
   public var synchronizes = true
+  /// `-n`: write into the existing destination as it is (no temporary file, no rename). A
+  /// block device destination is always written so.
+  public var inPlace = false
+  /// `--target-is-zero`: the in-place destination reads as zeros already; zero ranges are
+  /// skipped instead of zeroed.
+  public var targetIsZero = false
   /// Threads, `-S`, progress.
   public var engine = ConvertOptions()
   /// Called with each warning an opened image gives ("path: warning").
@@ -61,7 +67,25 @@ public final class Conversion {
     }
     if request.backing != nil { try requireBackingFile(outputFormat, path: request.destination, registry: registry) }
     // A destination that cannot be written is refused before any work, not after it.
-    if request.destination != "-" { _ = try OutputFile.checkDestination(request.destination) }
+    var inPlacePath: String?
+    if request.destination != "-" {
+      let (finalPath, existing) = try OutputFile.checkDestination(request.destination)
+      if request.inPlace || existing.map({ $0.st_mode & S_IFMT == S_IFBLK }) == true {
+        guard existing != nil else {
+          throw ImageError.usage(path: request.destination, "does not exist; -n writes into an existing file or device")
+        }
+        guard outputFormat.capabilities.contains(.inPlace) else {
+          let names = registry.formats(with: .inPlace).map { "-O \($0.name)" }.joined(separator: " or ")
+          throw ImageError.usage(
+            path: request.destination,
+            "\(outputFormat.name) images cannot be written in place (-n, a block device); that needs \(names)")
+        }
+        inPlacePath = finalPath
+      }
+    }
+    if request.targetIsZero && inPlacePath == nil {
+      throw ImageError.usage(path: request.destination, "--target-is-zero needs -n (or a block device as the destination)")
+    }
     var options = request.engine
     var writerOptions = request.writerOptions
     var inputs = Set<FileIdentity>()
@@ -100,8 +124,16 @@ public final class Conversion {
         path: request.destination, "the output is the same file as an input; refusing to overwrite it")
     }
 
-    let target = try openTarget(request.destination, format: outputFormat, registry: registry)
-    target.synchronizes = request.synchronizes
+    let target: ByteTarget
+    if let inPlacePath {
+      let inPlace = try InPlaceTarget(opening: inPlacePath, targetIsZero: request.targetIsZero, lock: !resolver.forceShare)
+      inPlace.synchronizes = request.synchronizes
+      target = inPlace
+    } else {
+      let file = try openTarget(request.destination, format: outputFormat, registry: registry)
+      file.synchronizes = request.synchronizes
+      target = file
+    }
     do {
       let writer = try create(target, input.virtualSize, writerOptions)
       return Conversion(request: request, input: input, writer: writer, options: options)

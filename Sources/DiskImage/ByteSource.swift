@@ -59,6 +59,11 @@ public protocol ByteTarget: AnyObject {
   /// True when bytes can only be appended in order (a pipe): each `write` must start where
   /// the last one ended, and nothing can be read back, resized or punched.
   var isSequential: Bool { get }
+  /// True when what is never written reads as zeros (a new file, or `--target-is-zero`);
+  /// false for a target written in place, where zero ranges must be made zero.
+  var readsAsZero: Bool { get }
+  /// Makes `range` read as zeros whatever it held.
+  func writeZeroes(_ range: Range<Int64>) throws
   /// Writes all of `bytes` at `offset`.
   func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64) throws
   /// Reads back up to `buffer.count` bytes written earlier; returns how many were read.
@@ -81,6 +86,8 @@ public protocol ByteTarget: AnyObject {
 }
 
 extension ByteTarget {
+  public var readsAsZero: Bool { true }
+
   /// Makes `range` read as zeros: a hole where the storage can punch one, written zeros
   /// elsewhere.
   public func writeZeroes(_ range: Range<Int64>) throws {

@@ -34,7 +34,17 @@ public final class ImageFile: ByteSource, @unchecked Sendable {
   /// The corresponding C function is `open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK)`, then
   /// `fstat`; O_NONBLOCK, which keeps `open` from waiting on a FIFO, is cleared afterwards.
   public static func openForReading(_ path: String) throws -> ImageFile {
-    let fd = retryingOnInterrupt { open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK) }
+    try openExisting(path, writable: false)
+  }
+
+  /// Opens an existing regular file or block device to write into it in place (`-n`, a
+  /// device as the destination); the same refusals as `openForReading`.
+  public static func openForWritingInPlace(_ path: String) throws -> ImageFile {
+    try openExisting(path, writable: true)
+  }
+
+  private static func openExisting(_ path: String, writable: Bool) throws -> ImageFile {
+    let fd = retryingOnInterrupt { open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NONBLOCK) }
     guard fd >= 0 else { throw ImageError.system(path: path, operation: "open", errno: errno) }
     var info = stat()
     guard fstat(fd, &info) == 0 else {
@@ -49,7 +59,7 @@ public final class ImageFile: ByteSource, @unchecked Sendable {
     }
     let flags = fcntl(fd, F_GETFL)
     if flags >= 0 { _ = fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) }
-    return ImageFile(path: path, descriptor: fd, writable: false, isBlockDevice: type == S_IFBLK)
+    return ImageFile(path: path, descriptor: fd, writable: writable, isBlockDevice: type == S_IFBLK)
   }
 
   /// Wraps a descriptor opened for writing (by `OutputFile`).
@@ -189,6 +199,43 @@ public final class ImageFile: ByteSource, @unchecked Sendable {
     }
     if errno == EOPNOTSUPP || errno == ENOSYS { return false }
     throw ImageError.system(path: path, operation: "punch a hole at \(hex(range.lowerBound))", errno: errno)
+  }
+
+  /// Makes `range` read as zeros, whatever it held: BLKZEROOUT on a block device,
+  /// fallocate(ZERO_RANGE) or a punched hole on a file, written zeros where neither works.
+  /// Ranges not aligned to 512 bytes are zeroed by writing at their edges.
+  public func zero(_ range: Range<Int64>) throws {
+    guard !range.isEmpty else { return }
+    let inner = roundedUp(range.lowerBound, to: 512).map { $0..<max($0, range.upperBound / 512 * 512) } ?? range
+    if !inner.isEmpty {
+      let result =
+        isBlockDevice
+        ? lacuna_zero_device_range(descriptor, inner.lowerBound, Int64(inner.count))
+        : lacuna_zero_file_range(descriptor, inner.lowerBound, Int64(inner.count))
+      if result == 0 {
+        try writeZeroBytes(range.lowerBound..<inner.lowerBound)
+        try writeZeroBytes(inner.upperBound..<range.upperBound)
+        return
+      }
+      if errno != EOPNOTSUPP && errno != EINVAL && errno != ENOTTY && errno != ENOSYS {
+        throw ImageError.system(path: path, operation: "zero \(inner.count) bytes at \(hex(inner.lowerBound))", errno: errno)
+      }
+    }
+    try writeZeroBytes(range)
+  }
+
+  private func writeZeroBytes(_ range: Range<Int64>) throws {
+    guard !range.isEmpty else { return }
+    let chunk = 1 << 20
+    let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
+    defer { zeros.deallocate() }
+    zeros.initializeMemory(as: UInt8.self, repeating: 0)
+    var position = range.lowerBound
+    while position < range.upperBound {
+      let n = Int(min(Int64(chunk), range.upperBound - position))
+      try write(UnsafeRawBufferPointer(rebasing: zeros[0..<n]), at: position)
+      position += Int64(n)
+    }
   }
 
   /// Flushes the file's data and metadata to stable storage. The corresponding C function is `fsync`.

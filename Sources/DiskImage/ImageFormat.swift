@@ -14,6 +14,9 @@ public struct FormatCapabilities: OptionSet, Sendable {
   public static let backingFile = FormatCapabilities(rawValue: 1 << 2)
   /// The writer can compress (`-c`).
   public static let compression = FormatCapabilities(rawValue: 1 << 3)
+  /// The writer can write over existing content (`-n`, a block device): it makes every
+  /// zero range zero instead of counting on a new file's holes.
+  public static let inPlace = FormatCapabilities(rawValue: 1 << 4)
 }
 
 /// A disk-image format: how to recognise it, read it and write it. A format reads and

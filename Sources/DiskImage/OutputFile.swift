@@ -38,6 +38,9 @@ public final class OutputFile: ByteTarget {
     OutputFile.installHandlersOnce
     self.path = path
     let (finalPath, existing) = try OutputFile.checkDestination(path)
+    if let existing, existing.st_mode & S_IFMT == S_IFBLK {
+      throw ImageError.usage(path: path, "is a block device: it is written in place, not replaced")
+    }
     self.finalPath = finalPath
     let (directory, name) = splitPath(finalPath)
     let template = (directory.isEmpty ? "" : directory + "/") + "." + OutputFile.shortened(name) + ".lacuna-XXXXXX"
@@ -61,11 +64,11 @@ public final class OutputFile: ByteTarget {
     flusher = lacuna_flusher_start(fd)
   }
 
-  /// What a destination may be, decided before any work: a new name or a regular file
-  /// (replaced), or a symbolic link to one (its target replaced). A directory, a name
-  /// ending in `/`, a device, a FIFO or a socket is refused: replacing it with a regular
-  /// file would silently give the user something else than asked. Returns the path to
-  /// rename to and the file there now, if any.
+  /// What a destination may be, decided before any work: a new name, a regular file
+  /// (replaced), a block device (written in place, by `InPlaceTarget`), or a symbolic link
+  /// to one of them. A directory, a name ending in `/`, a character device, a FIFO or a
+  /// socket is refused: replacing it with a regular file would silently give the user
+  /// something else than asked. Returns the path to rename to and what is there now.
   public static func checkDestination(_ path: String) throws -> (finalPath: String, existing: stat?) {
     if path.hasSuffix("/") {
       throw ImageError.usage(path: path, "names a directory; give the output a file name")
@@ -90,10 +93,9 @@ public final class OutputFile: ByteTarget {
     if type == S_IFLNK {
       throw ImageError.system(path: path, operation: "follow the symbolic link", errno: ELOOP)
     }
-    guard type == S_IFREG else {
-      let hint = type == S_IFBLK ? " (writing to block devices is not supported yet)" : ""
+    guard type == S_IFREG || type == S_IFBLK else {
       throw ImageError.usage(
-        path: path, "is \(describeFileType(type)); lacuna writes image files and will not replace it\(hint)")
+        path: path, "is \(describeFileType(type)); lacuna writes image files and block devices, and will not replace it")
     }
     return (finalPath, info)
   }
@@ -266,4 +268,66 @@ public func splitPath(_ path: String) -> (directory: String, name: String) {
   guard let slash = path.lastIndex(of: "/") else { return ("", path) }
   let directory = String(path[..<slash])
   return (directory.isEmpty ? "/" : directory, String(path[path.index(after: slash)...]))
+}
+
+/// An existing file or block device written in place (`-n`, or a block device as the
+/// destination): no temporary name, no rename. The target must already be as large as the
+/// disk (checked before the first write, never resized); ranges the disk has as zeros are
+/// made zero (BLKZEROOUT, ZERO_RANGE) unless the caller knows it reads as zeros already
+/// (`--target-is-zero`). A failure cannot be taken back: what was written stays.
+public final class InPlaceTarget: ByteTarget {
+  public let file: ImageFile
+  public let readsAsZero: Bool
+  /// False skips the final fsync (`-t unsafe`).
+  public var synchronizes = true
+  private var closed = false
+
+  public init(opening path: String, targetIsZero: Bool, lock: Bool) throws {
+    file = try ImageFile.openForWritingInPlace(path)
+    readsAsZero = targetIsZero
+    if lock { try file.lock(for: .writingInPlace) }
+  }
+
+  public var name: String { file.path }
+  public var isSequential: Bool { false }
+  public func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64) throws { try file.write(bytes, at: offset) }
+  public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws -> Int {
+    try file.read(into: buffer, at: offset)
+  }
+  public func size() throws -> Int64 { try file.size() }
+
+  /// Never resizes: a target smaller than `size` is refused, a larger one keeps its tail.
+  public func truncate(to size: Int64) throws {
+    let available = try file.size()
+    guard available >= size else {
+      throw ImageError.usage(
+        path: name, "is \(available) bytes, smaller than the \(size) bytes of the disk; nothing was written")
+    }
+  }
+
+  public func allocate(_ range: Range<Int64>) throws {
+    if !file.isBlockDevice { try file.allocate(range) }
+  }
+
+  public func punchHole(_ range: Range<Int64>) throws -> Bool {
+    try file.zero(range)
+    return true
+  }
+
+  public func writeZeroes(_ range: Range<Int64>) throws { try file.zero(range) }
+
+  public func flush() throws { try file.synchronize() }
+
+  public func commit() throws {
+    guard !closed else { return }
+    closed = true
+    if synchronizes { try file.synchronize() }
+    try file.closeChecked()
+  }
+
+  public func abandon() {
+    guard !closed else { return }
+    closed = true
+    file.close()
+  }
 }

@@ -48,6 +48,16 @@ struct ConvertCommand: ParsableCommand {
     help: "The format of the source's backing file, when the source does not record it.")
   var sourceBackingFormat: String?
 
+  @Flag(
+    name: .customShort("n"),
+    help: "Write into the existing destination as it is (a file or a block device; raw only): no temporary file, no resizing; it must be large enough.")
+  var inPlace = false
+
+  @Flag(
+    name: .customLong("target-is-zero"),
+    help: "With -n: the destination reads as zeros already, so zero ranges are skipped instead of zeroed.")
+  var targetIsZero = false
+
   @Option(name: .customShort("m"), help: "Worker threads (default: the number of cores, at least 2).")
   var threads: Int?
 
@@ -102,6 +112,8 @@ struct ConvertCommand: ParsableCommand {
     (request.backing, request.backingFormat) = try takeBackingOptions(
       &request.writerOptions.options, backing: backing, format: backingFormat)
     request.synchronizes = cacheMode != .unsafe
+    request.inPlace = inPlace
+    request.targetIsZero = targetIsZero
     request.engine.sparseSize = Int(parseByteSize(sparseSize)!)
     if let threads { request.engine.threads = threads }
     let format = progressFormat ?? (progress ? .bar : nil)

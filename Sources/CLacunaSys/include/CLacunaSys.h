@@ -19,6 +19,12 @@ int lacuna_fallocate(int fd, int64_t offset, int64_t length);
 /// fallocate(fd, PUNCH_HOLE|KEEP_SIZE, ...): free blocks, reads return zeros.
 int lacuna_punch_hole(int fd, int64_t offset, int64_t length);
 
+/// Makes a file range read as zeros: fallocate(ZERO_RANGE), else PUNCH_HOLE (both
+/// KEEP_SIZE). -1 and errno when neither works.
+int lacuna_zero_file_range(int fd, int64_t offset, int64_t length);
+/// Makes a block device range (512-byte aligned) read as zeros: ioctl BLKZEROOUT.
+int lacuna_zero_device_range(int fd, int64_t offset, int64_t length);
+
 /// mkostemp(template, O_CLOEXEC): create a new file from a XXXXXX template.
 int lacuna_make_temporary(char *template_path);
 
