@@ -67,25 +67,7 @@ public final class Conversion {
     }
     if request.backing != nil { try requireBackingFile(outputFormat, path: request.destination, registry: registry) }
     // A destination that cannot be written is refused before any work, not after it.
-    var inPlacePath: String?
-    if request.destination != "-" {
-      let (finalPath, existing) = try OutputFile.checkDestination(request.destination)
-      if request.inPlace || existing.map({ $0.st_mode & S_IFMT == S_IFBLK }) == true {
-        guard existing != nil else {
-          throw ImageError.usage(path: request.destination, "does not exist; -n writes into an existing file or device")
-        }
-        guard outputFormat.capabilities.contains(.inPlace) else {
-          let names = registry.formats(with: .inPlace).map { "-O \($0.name)" }.joined(separator: " or ")
-          throw ImageError.usage(
-            path: request.destination,
-            "\(outputFormat.name) images cannot be written in place (-n, a block device); that needs \(names)")
-        }
-        inPlacePath = finalPath
-      }
-    }
-    if request.targetIsZero && inPlacePath == nil {
-      throw ImageError.usage(path: request.destination, "--target-is-zero needs -n (or a block device as the destination)")
-    }
+    let inPlacePath = try inPlaceDestination(request, format: outputFormat, registry: registry)
     var options = request.engine
     var writerOptions = request.writerOptions
     var inputs = Set<FileIdentity>()
@@ -188,6 +170,34 @@ public final class Conversion {
     }
     let top = try format.open(source)
     return .chain(try resolver.openChain(above: top, name: request.source, backingFormat: request.sourceBackingFormat))
+  }
+
+  /// Checks the destination before any work, and says where it is written in place: with
+  /// `-n`, or when it is a block device (then the path it resolves to); nil when the output
+  /// goes to a temporary file renamed into place (or to standard output).
+  static func inPlaceDestination(
+    _ request: ConversionRequest, format: ImageFormat, registry: FormatRegistry
+  ) throws -> String? {
+    var inPlacePath: String?
+    if request.destination != "-" {
+      let (finalPath, existing) = try OutputFile.checkDestination(request.destination)
+      if request.inPlace || existing.map({ $0.st_mode & S_IFMT == S_IFBLK }) == true {
+        guard existing != nil else {
+          throw ImageError.usage(path: request.destination, "does not exist; -n writes into an existing file or device")
+        }
+        guard format.capabilities.contains(.inPlace) else {
+          let names = registry.formats(with: .inPlace).map { "-O \($0.name)" }.joined(separator: " or ")
+          throw ImageError.usage(
+            path: request.destination,
+            "\(format.name) images cannot be written in place (-n, a block device); that needs \(names)")
+        }
+        inPlacePath = finalPath
+      }
+    }
+    if request.targetIsZero && inPlacePath == nil {
+      throw ImageError.usage(path: request.destination, "--target-is-zero needs -n (or a block device as the destination)")
+    }
+    return inPlacePath
   }
 
   /// Refuses `-B` for a format that cannot record a backing file, before any image is
