@@ -86,7 +86,9 @@ public struct Resolver {
     return followBacking ? try openChain(above: top, name: name, backingFormat: backingFormat) : Chain(layers: [top])
   }
 
-  /// Opens every backing file below `top`, an image opened from `name`.
+  /// Opens every backing file below `top`, an image opened from `name`. A problem with a
+  /// backing file names the image the user gave and the chain down to the failing layer:
+  /// `top.qcow2 -> a.qcow2: open backing file b.qcow2: No such file or directory`.
   public func openChain(above top: ImageReader, name: String, backingFormat: String? = nil) throws -> Chain {
     var layers = [top]
     var names = [name]
@@ -98,42 +100,53 @@ public struct Resolver {
         throw ImageError.invalid(
           path: name, "backing chain is deeper than \(depthLimit) layers (at \(referrer.path))")
       }
-      let backingPath = try resolve(reference.name, heldBy: referrer.path)
-      guard let format = reference.format ?? (layers.count == 1 ? backingFormat : nil) else {
-        throw ImageError.usage(
-          path: referrer.path,
-          "backing file '\(reference.name)' has no recorded format; give it with -F (or record it: qemu-img rebase -u -F FMT)")
-      }
+      let backingPath: String
       let source: ByteSource
+      let layer: ImageReader
       do {
-        source = try openSource(backingPath)
-      } catch let error as ImageError {
-        if case .system(_, "open", let code) = error {
-          throw ImageError.system(path: referrer.path, operation: "open backing file \(backingPath)", errno: code)
-        }
-        // Not the user's mistake but the image's: a backing file that is a directory or a
-        // FIFO is a damaged chain (exit 1), not a usage error.
-        if case .usage(let path, let message) = error {
-          throw ImageError.invalid(path: referrer.path, "backing file \(path) \(message)")
-        }
-        throw error
-      }
-      if let identity = try source.identity() {
-        if let earlier = seen[identity] {
-          let loop = (names + [backingPath]).joined(separator: " -> ")
-          throw ImageError.invalid(
+        backingPath = try resolve(reference.name, heldBy: referrer.path)
+        guard let format = reference.format ?? (layers.count == 1 ? backingFormat : nil) else {
+          throw ImageError.usage(
             path: referrer.path,
-            "backing file \(backingPath) loops back to \(names[earlier]), already in the chain (\(loop))")
+            "backing file '\(reference.name)' has no recorded format; give it with -F (or record it: qemu-img rebase -u -F FMT)")
         }
-        seen[identity] = layers.count
+        source = try openBackingSource(backingPath, heldBy: referrer.path)
+        if let identity = try source.identity(), seen[identity] != nil {
+          throw ImageError.invalid(path: (names + [backingPath]).joined(separator: " -> "), "backing chain loops")
+        }
+        do {
+          layer = try registry.open(source, format: format)
+        } catch ImageError.usage(_, let message) {
+          throw ImageError.invalid(path: referrer.path, "backing file \(backingPath): \(message)")
+        }
+      } catch let error as ImageError {
+        // Name the chain from the user's image down to the layer at fault.
+        if error.path == referrer.path {
+          throw names.count == 1 ? error : error.naming(names.joined(separator: " -> "))
+        }
+        if error.path.contains(" -> ") { throw error }
+        throw error.naming((names + [error.path]).joined(separator: " -> "))
       }
-      do {
-        layers.append(try registry.open(source, format: format))
-      } catch ImageError.usage(_, let message) {
-        throw ImageError.invalid(path: referrer.path, "backing file \(backingPath): \(message)")
-      }
+      if let identity = try source.identity() { seen[identity] = layers.count }
+      layers.append(layer)
       names.append(backingPath)
     }
     return Chain(layers: layers)
+  }
+
+  /// Opens a backing file; an open that fails, or a file that is not an image, is the
+  /// referring image's problem (a damaged chain, exit 1), not a usage error.
+  private func openBackingSource(_ path: String, heldBy referrer: String) throws -> ByteSource {
+    do {
+      return try openSource(path)
+    } catch let error as ImageError {
+      if case .system(_, "open", let code) = error {
+        throw ImageError.system(path: referrer, operation: "open backing file \(path)", errno: code)
+      }
+      if case .usage(let path, let message) = error {
+        throw ImageError.invalid(path: referrer, "backing file \(path) \(message)")
+      }
+      throw error
+    }
   }
 }

@@ -14,6 +14,16 @@ public enum ImageError: Error, CustomStringConvertible, Equatable {
   /// The user asked for something that cannot be done with this file.
   case usage(path: String, String)
 
+  /// The same error, naming `path` instead.
+  public func naming(_ path: String) -> ImageError {
+    switch self {
+    case .system(_, let operation, let code): return .system(path: path, operation: operation, errno: code)
+    case .invalid(_, let message): return .invalid(path: path, message)
+    case .unsupported(_, let message): return .unsupported(path: path, message)
+    case .usage(_, let message): return .usage(path: path, message)
+    }
+  }
+
   public var path: String {
     switch self {
     case .system(let path, _, _), .invalid(let path, _), .unsupported(let path, _),

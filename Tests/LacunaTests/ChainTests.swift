@@ -101,7 +101,8 @@ final class ChainTests: QemuTestCase {
     for verb in [["convert", "-O", "raw"], ["map"], ["info", "--backing-chain"]] {
       let outcome = try runProgram(try lacunaBinary(), verb + ["b.qcow2"] + (verb[0] == "convert" ? ["out.raw"] : []), in: dir)
       XCTAssertEqual(outcome.status, 1, outcome.stderr)
-      XCTAssertTrue(outcome.stderr.contains("loops back"), outcome.stderr)
+      // The image the user named, then the chain down to where it loops.
+      XCTAssertTrue(outcome.stderr.contains("b.qcow2 -> a.qcow2 -> b.qcow2: backing chain loops"), outcome.stderr)
       XCTAssertEqual(outcome.stderr.split(separator: "\n").count, 1)
     }
     XCTAssertFalse(listing(dir).contains("out.raw"))

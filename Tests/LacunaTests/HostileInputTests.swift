@@ -153,8 +153,8 @@ final class HostileInputTests: XCTestCase {
       BadInput(name: "unknown compression type", expected: "compression_type 2 is not supported (expected 0 zlib or 1 zstd)", make: patched("compressed-zstd.qcow2") { $0.bytes[104] = 2 }),
       BadInput(name: "zstd type without the feature bit", expected: "compression_type is 1 but the compression type bit (incompatible bit 3) is not set", make: patched("compressed-zstd.qcow2") { $0.set(UInt64(0), at: 72) }),
       BadInput(name: "feature bit with type zlib", expected: "compression type bit is set but compression_type is 0 (zlib)", make: patched("compressed-zlib.qcow2") { $0.set(UInt64(1 << 3), at: 72) }),
-      BadInput(name: "backing loop (self)", expected: "loops back to", make: chain(backing: "bad.qcow2")),
-      BadInput(name: "backing loop (two images)", expected: "loops back to", make: chain(backing: "loop.qcow2", others: [("loop.qcow2", "bad.qcow2")])),
+      BadInput(name: "backing loop (self)", expected: "backing chain loops", make: chain(backing: "bad.qcow2")),
+      BadInput(name: "backing loop (two images)", expected: "backing chain loops", make: chain(backing: "loop.qcow2", others: [("loop.qcow2", "bad.qcow2")])),
       BadInput(name: "chain deeper than the limit", expected: "backing chain is deeper than 64 layers", make: chain(
         backing: "d01.qcow2", others: (1...65).map { (String(format: "d%02d.qcow2", $0), $0 == 65 ? "chain-base.qcow2" : String(format: "d%02d.qcow2", $0 + 1)) })),
       BadInput(name: "missing backing file", expected: "open backing file", make: chain(backing: "gone.qcow2")),
