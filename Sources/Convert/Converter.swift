@@ -23,7 +23,8 @@ public struct ConvertOptions {
   public var sparseSize: Int = 4096
   /// The virtual-disk span one work unit covers (rounded up to the writer's granularity).
   public var unitSize: Int = 2 << 20
-  /// How much of the virtual disk is mapped at a time.
+  /// How much of the virtual disk is mapped at a time, at first: windows grow where the
+  /// map is sparse and shrink back where it is dense (`AdaptiveWindow`).
   public var windowSize: Int64 = 1 << 30
   /// The output's backing file (`-B`).
   public var backing: OutputBacking = .none
@@ -210,7 +211,7 @@ public final class Converter {
       let common = unit / gcd(unit, Int64(sparseSize)) * Int64(sparseSize)
       if common <= 32 << 20 { unit = common }
     }
-    let window = max(options.windowSize / unit, 1) * unit
+    var window = AdaptiveWindow(minimum: max(options.windowSize / unit, 1) * unit)
 
     // Units in the pipeline, results waiting, and one per worker being filled. Four units
     // per worker may be in flight: results are taken in disk order, and with only two a
@@ -311,7 +312,7 @@ public final class Converter {
     case .chain(let chain):
       var windowStart: Int64 = 0
       while windowStart < total {
-        let windowEnd = windowStart + min(window, total - windowStart)
+        let windowEnd = window.range(from: windowStart, to: total).upperBound
         let segments: [Segment]
         switch options.backing {
         case .compared(let base):
@@ -323,6 +324,7 @@ public final class Converter {
         case .none:
           segments = Converter.plan(try chain.extents(in: windowStart..<windowEnd), writeZeroBlocks: sparseSize == 0)
         }
+        window.adjust(after: segments.count)
         for item in Converter.items(segments, unit: unit, granularity: granularity) { try enqueue(item) }
         windowStart = windowEnd
       }

@@ -44,8 +44,9 @@ struct MapCommand: ParsableCommand {
       throw ValidationError("--start-offset and --max-length take a size")
     }
     let end = min(chain.virtualSize, start &+ length < start ? Int64.max : start + length)
-    // 64 MiB at a time: memory follows the extents of a window, not of the disk.
-    let window: Int64 = 64 << 20
+    // 64 MiB at first, then as the extents allow: memory follows the extents of a window,
+    // and an empty disk of any size takes few windows.
+    var window = AdaptiveWindow(minimum: 64 << 20)
     var position = start
     var first = true
     if output == .json { writeOut("[") } else {
@@ -63,8 +64,10 @@ struct MapCommand: ParsableCommand {
       }
     }
     while position < end {
-      let windowEnd = position + min(window, end - position)
-      for extent in try chain.extents(in: position..<windowEnd) {
+      let range = window.range(from: position, to: end)
+      let extents = try chain.extents(in: range)
+      window.adjust(after: extents.count)
+      for extent in extents {
         if var last = pending, last.canMerge(with: extent) {
           last.range = last.range.lowerBound..<extent.range.upperBound
           pending = last
@@ -73,7 +76,7 @@ struct MapCommand: ParsableCommand {
           pending = extent
         }
       }
-      position = windowEnd
+      position = range.upperBound
     }
     if let last = pending { emit(last) }
     if output == .json { writeOut("]\n") }
