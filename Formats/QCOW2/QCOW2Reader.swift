@@ -18,7 +18,7 @@ public final class QCOW2Reader: ImageReader {
 
   let header: QCOW2Header
   let fileSize: Int64
-  private let l1Table: [UInt64]
+  private let l1Table: L1Table
   private let l2Cache: L2Cache
   private let decompressors: CodecPool
   private let bitmaps: [BitmapDirectory.Entry]
@@ -34,13 +34,7 @@ public final class QCOW2Reader: ImageReader {
     header = try QCOW2Header.read(from: source, fileSize: fileSize)
     let clusterSize = Int64(header.clusterSize)
 
-    var l1Table = [UInt64](repeating: 0, count: header.l1Size)
-    if header.l1Size > 0 {
-      let raw = BigEndianReader(
-        try source.readBytes(count: header.l1Size * 8, at: header.l1TableOffset, what: "L1 table"))
-      for index in 0..<header.l1Size { l1Table[index] = raw.uint64(at: index * 8)! }
-    }
-    self.l1Table = l1Table
+    l1Table = L1Table(source: source, offset: header.l1TableOffset, count: header.l1Size)
     l2Cache = L2Cache(tableBytes: header.clusterSize)
     decompressors = CodecPool(type: header.compressionType)
 
@@ -109,7 +103,7 @@ public final class QCOW2Reader: ImageReader {
   }
 
   /// What one stretch of the virtual disk maps to. A stretch never crosses a cluster,
-  /// except unallocated L1 entries, which cover a whole L2 table's span at once.
+  /// except a stretch of unallocated L1 entries, which comes as one piece however long.
   enum Piece {
     /// Not this layer's; `host` is set only for unallocated subclusters of an allocated
     /// cluster (extended L2), where qemu-img map reports the host offset too.
@@ -145,8 +139,12 @@ public final class QCOW2Reader: ImageReader {
       let l1Index = Int(position / tableSpan)
       let spanEnd = min(range.upperBound, (Int64(l1Index) + 1) * tableSpan)
       guard let table = try l2Table(l1Index: l1Index) else {
-        try visit(position..<spanEnd, .unallocated(host: nil))
-        position = spanEnd
+        // Unallocated up to the next non-zero L1 entry, in one step however many lie between.
+        let lastIndex = Int((range.upperBound - 1) / tableSpan)
+        let next = try l1Table.firstNonZero(from: l1Index + 1, below: lastIndex + 1)
+        let end = next.map { min(range.upperBound, Int64($0) * tableSpan) } ?? range.upperBound
+        try visit(position..<end, .unallocated(host: nil))
+        position = end
         continue
       }
       if tablesVisited == l2TableLimit { return }
@@ -230,8 +228,7 @@ public final class QCOW2Reader: ImageReader {
 
   /// The L2 table an L1 entry points at, or nil when the entry is unallocated.
   private func l2Table(l1Index: Int) throws -> [UInt64]? {
-    guard l1Index < l1Table.count else { return nil }
-    let entry = l1Table[l1Index]
+    let entry = try l1Table.entry(l1Index)
     guard entry & Self.l1ReservedBits == 0 else {
       throw ImageError.invalid(
         path: path, "L1 entry \(l1Index) has reserved bits set: \(hex(entry & Self.l1ReservedBits))")

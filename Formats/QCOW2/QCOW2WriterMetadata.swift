@@ -1,5 +1,9 @@
 import DiskImage
 
+#if canImport(Glibc)
+  import Glibc
+#endif
+
 extension QCOW2Writer {
   /// Where `finish()` puts the tables that follow the data and the L2 tables.
   struct MetadataLayout: Equatable {
@@ -68,13 +72,30 @@ extension QCOW2Writer {
     }
     try table.withUnsafeBytes { try file.write($0, at: layout.refcountTableCluster * size) }
 
-    // An empty disk has no L1 table at all (qemu writes offset 0 then).
+    // An empty disk has no L1 table at all (qemu writes offset 0 then). The table goes out
+    // in pieces; in a new file, a piece without L2 tables is left a hole: a 2 PiB disk has
+    // a 32 MiB L1 table that is mostly zeros.
     if l1Size > 0 {
-      var l1 = [UInt8](repeating: 0, count: Int(layout.l1Clusters * size))
-      for (index, offset) in l2Offsets.enumerated() where offset != 0 {
-        BigEndianWriter.store(UInt64(offset) | Self.copiedFlag, at: index * 8, in: &l1)
+      let pieceEntries = 8192
+      let tableEntries = Int(layout.l1Clusters * size) / 8
+      let skipZeros = file.readsAsZero && !file.isSequential
+      var piece = [UInt8](repeating: 0, count: pieceEntries * 8)
+      let zeros = [Int64](repeating: 0, count: pieceEntries)
+      try l2Offsets.withUnsafeBufferPointer { offsets in
+        for first in stride(from: 0, to: tableEntries, by: pieceEntries) {
+          let count = min(pieceEntries, tableEntries - first)
+          let used = max(0, min(count, offsets.count - first))
+          let empty = zeros.withUnsafeBytes { memcmp(offsets.baseAddress! + first, $0.baseAddress!, used * 8) == 0 }
+          if empty && skipZeros { continue }
+          for index in 0..<count {
+            let offset = index < used ? offsets[first + index] : 0
+            BigEndianWriter.store(offset == 0 ? 0 : UInt64(offset) | Self.copiedFlag, at: index * 8, in: &piece)
+          }
+          try piece.withUnsafeBytes {
+            try file.write(UnsafeRawBufferPointer(rebasing: $0[0..<count * 8]), at: layout.l1Offset * size + Int64(first) * 8)
+          }
+        }
       }
-      try l1.withUnsafeBytes { try file.write($0, at: layout.l1Offset * size) }
     }
 
     let header = try headerBytes(
