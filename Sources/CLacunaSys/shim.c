@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <sys/types.h>
 #include <unistd.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -225,4 +226,17 @@ int lacuna_lock_image(int fd, unsigned held, unsigned unshared) {
     if (conflict != 0) return conflict < 0 ? -1 : 1;
   }
   return 0;
+}
+
+int lacuna_open_unnamed(const char *directory) {
+  return open(directory, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+}
+
+int lacuna_link_unnamed(int fd, const char *path) {
+  char proc_path[64];
+  snprintf(proc_path, sizeof proc_path, "/proc/self/fd/%d", fd);
+  if (linkat(AT_FDCWD, proc_path, AT_FDCWD, path, AT_SYMLINK_FOLLOW) == 0) return 0;
+  if (errno != ENOENT) return -1;
+  // Without /proc, AT_EMPTY_PATH does the same (it needs CAP_DAC_READ_SEARCH).
+  return linkat(fd, "", AT_FDCWD, path, AT_EMPTY_PATH);
 }

@@ -13,6 +13,8 @@ public enum ImageError: Error, CustomStringConvertible, Equatable {
   case unsupported(path: String, String)
   /// The user asked for something that cannot be done with this file.
   case usage(path: String, String)
+  /// One of the above, with advice on what to do about it after a "; ".
+  indirect case advised(ImageError, advice: String)
 
   /// The same error, naming `path` instead.
   public func naming(_ path: String) -> ImageError {
@@ -21,6 +23,7 @@ public enum ImageError: Error, CustomStringConvertible, Equatable {
     case .invalid(_, let message): return .invalid(path: path, message)
     case .unsupported(_, let message): return .unsupported(path: path, message)
     case .usage(_, let message): return .usage(path: path, message)
+    case .advised(let error, let advice): return .advised(error.naming(path), advice: advice)
     }
   }
 
@@ -29,6 +32,7 @@ public enum ImageError: Error, CustomStringConvertible, Equatable {
     case .system(let path, _, _), .invalid(let path, _), .unsupported(let path, _),
       .usage(let path, _):
       return path
+    case .advised(let error, _): return error.path
     }
   }
 
@@ -42,6 +46,8 @@ public enum ImageError: Error, CustomStringConvertible, Equatable {
     case .invalid(let path, let message), .unsupported(let path, let message),
       .usage(let path, let message):
       return escapingControlCharacters("\(path): \(message)")
+    case .advised(let error, let advice):
+      return error.description + "; " + escapingControlCharacters(advice)
     }
   }
 }

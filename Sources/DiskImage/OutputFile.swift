@@ -4,18 +4,29 @@ import CLacunaSys
   import Glibc
 #endif
 
-/// A destination that becomes visible only on success: the bytes go to a temporary file
-/// beside it (`.NAME.lacuna-XXXXXX`, a name no image tool would take for the output), which
-/// `commit()` fsyncs and renames into place, then fsyncs the directory. `abandon()`, any
-/// error path, or SIGINT/SIGTERM/SIGHUP removes the temporary file.
+/// A destination that becomes visible only on success. The bytes go to an unnamed file in
+/// the destination's directory (O_TMPFILE), which `commit()` fsyncs and links into place:
+/// until then the file has no name, so even SIGKILL leaves nothing behind. Where the file
+/// system has no O_TMPFILE, a named temporary file beside the destination
+/// (`.NAME.lacuna-XXXXXX`, a name no image tool would take for the output) is renamed
+/// into place instead, and `abandon()`, any error path, or a terminating signal removes it.
+/// The directory is fsynced after.
+///
+/// `LACUNA_TEMPORARY_FILE=named` in the environment forces the named temporary file (the
+/// tests use it to check what such file systems get).
 public final class OutputFile: ByteTarget {
   /// The destination path as the user gave it.
   public let path: String
   /// Where the output is renamed to: `path`, or the file a symbolic link at `path` points
   /// to (the link stays, and reads the new image).
   public let finalPath: String
-  /// The temporary file's path while the output is being written.
+  /// A path that reaches the temporary file while the output is being written: its name
+  /// beside the destination, or `/proc/self/fd/N` for an unnamed file.
   public let temporaryPath: String
+  /// True when the temporary file has no name (O_TMPFILE) until `commit()` links it.
+  public let isUnnamed: Bool
+  /// What the destination held when the output was started (a file that is replaced).
+  private let replaced: stat?
   /// The open temporary file; writers write here.
   public let file: ImageFile
   /// False skips the fsyncs of `commit()` (qemu-img's `-t unsafe`): faster, but a crash
@@ -42,15 +53,32 @@ public final class OutputFile: ByteTarget {
       throw ImageError.usage(path: path, "is a block device: it is written in place, not replaced")
     }
     self.finalPath = finalPath
-    let (directory, name) = splitPath(finalPath)
-    let template = (directory.isEmpty ? "" : directory + "/") + "." + OutputFile.shortened(name) + ".lacuna-XXXXXX"
-    var buffer = Array(template.utf8CString)
+    replaced = existing
+    let directory = splitPath(finalPath).directory
     var slot: Int32 = -1
-    let fd = buffer.withUnsafeMutableBufferPointer { lacuna_make_registered_temporary($0.baseAddress!, &slot) }
-    guard fd >= 0 else {
-      throw ImageError.system(path: path, operation: "create a temporary file in \(directory.isEmpty ? "." : directory)", errno: errno)
+    var fd: Int32 = -1
+    let forceNamed = getenv("LACUNA_TEMPORARY_FILE").map { String(cString: $0) == "named" } ?? false
+    if !forceNamed {
+      fd = lacuna_open_unnamed(directory.isEmpty ? "." : directory)
+      if fd < 0 && ![EOPNOTSUPP, EISDIR, EINVAL].contains(errno) {
+        throw ImageError.system(
+          path: path, operation: "create a temporary file in \(directory.isEmpty ? "." : directory)", errno: errno)
+      }
     }
-    temporaryPath = String(cString: buffer)
+    if fd >= 0 {
+      isUnnamed = true
+      temporaryPath = "/proc/self/fd/\(fd)"
+    } else {
+      isUnnamed = false
+      let template = OutputFile.temporaryName(beside: finalPath) + "XXXXXX"
+      var buffer = Array(template.utf8CString)
+      fd = buffer.withUnsafeMutableBufferPointer { lacuna_make_registered_temporary($0.baseAddress!, &slot) }
+      guard fd >= 0 else {
+        throw ImageError.system(
+          path: path, operation: "create a temporary file in \(directory.isEmpty ? "." : directory)", errno: errno)
+      }
+      temporaryPath = String(cString: buffer)
+    }
     if let existing {
       // A private disk stays private; a file owned by someone else stays theirs (as root;
       // otherwise fchown fails and the mode alone is kept).
@@ -100,6 +128,12 @@ public final class OutputFile: ByteTarget {
     return (finalPath, info)
   }
 
+  /// `.NAME.lacuna-` beside `path` (its directory kept), for a random suffix to follow.
+  static func temporaryName(beside path: String) -> String {
+    let (directory, name) = splitPath(path)
+    return (directory.isEmpty ? "" : directory + "/") + "." + shortened(name) + ".lacuna-"
+  }
+
   /// `name` cut (on a character boundary) so that ".NAME.lacuna-XXXXXX" fits in a file
   /// name (NAME_MAX, 255 bytes): any name that fits on its own works as a destination.
   static func shortened(_ name: String) -> String {
@@ -135,6 +169,8 @@ public final class OutputFile: ByteTarget {
     file = ImageFile.adoptWritable(descriptor: STDOUT_FILENO, path: "standard output")
     cleanupSlot = -1
     isStandardOutput = true
+    isUnnamed = false
+    replaced = nil
   }
 
   deinit { abandon() }
@@ -147,7 +183,7 @@ public final class OutputFile: ByteTarget {
   private var appended: Int64 = 0
 
   public func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64) throws {
-    guard isStandardOutput else { return try file.write(bytes, at: offset) }
+    guard isStandardOutput else { return try explainingRoom { try file.write(bytes, at: offset) } }
     guard offset == appended else {
       throw ImageError.invalid(
         path: file.path, "internal: standard output is at byte \(appended), a write asked for byte \(offset)")
@@ -178,12 +214,12 @@ public final class OutputFile: ByteTarget {
 
   public func truncate(to size: Int64) throws {
     guard !isStandardOutput else { throw ImageError.usage(path: file.path, "cannot resize standard output") }
-    try file.truncate(to: size)
+    try explainingRoom { try file.truncate(to: size) }
   }
 
   public func allocate(_ range: Range<Int64>) throws {
     guard !isStandardOutput else { throw ImageError.usage(path: file.path, "cannot reserve space on standard output") }
-    try file.allocate(range)
+    try explainingRoom { try file.allocate(range) }
   }
 
   public func punchHole(_ range: Range<Int64>) throws -> Bool {
@@ -196,7 +232,7 @@ public final class OutputFile: ByteTarget {
         throw ImageError.system(path: file.path, operation: "fsync", errno: errno)
       }
     } else {
-      try file.synchronize()
+      try explainingRoom { try file.synchronize() }
     }
   }
 
@@ -217,12 +253,16 @@ public final class OutputFile: ByteTarget {
         }
         try file.synchronize()
       }
-      try file.closeChecked()
-      lacuna_commit_begin()
-      guard rename(temporaryPath, finalPath) == 0 else {
-        let code = errno
-        lacuna_commit_end(0)
-        throw ImageError.system(path: path, operation: "rename \(temporaryPath) into place", errno: code)
+      if isUnnamed {
+        try linkIntoPlace()
+      } else {
+        try file.closeChecked()
+        lacuna_commit_begin()
+        guard rename(temporaryPath, finalPath) == 0 else {
+          let code = errno
+          lacuna_commit_end(0)
+          throw ImageError.system(path: path, operation: "rename \(temporaryPath) into place", errno: code)
+        }
       }
       finished = true
       lacuna_cleanup_unregister(cleanupSlot)
@@ -237,8 +277,27 @@ public final class OutputFile: ByteTarget {
       }
     } catch {
       abandon()
-      throw error
+      throw explainedRoom(error)
     }
+  }
+
+  /// Runs `body`, explaining a lack of room (see `explainedRoom`).
+  private func explainingRoom<T>(_ body: () throws -> T) throws -> T {
+    do { return try body() } catch { throw explainedRoom(error) }
+  }
+
+  /// ENOSPC or EDQUOT while a file is replaced: the old file keeps its room until the new
+  /// one is complete, so an output that would fit in its place may not fit beside it. The
+  /// error says so, and names the ways out.
+  private func explainedRoom(_ error: Error) -> Error {
+    guard let imageError = error as? ImageError, case .system(_, _, let code) = imageError,
+      code == ENOSPC || code == EDQUOT,
+      let old = replaced, old.st_mode & S_IFMT == S_IFREG, old.st_blocks > 0
+    else { return error }
+    let mebibytes = Double(old.st_blocks) * 512 / 1_048_576
+    return ImageError.advised(
+      imageError,
+      advice: "the file being replaced (\(String(format: "%.1f", mebibytes)) MiB on disk) stays until the new image is complete, and there is no room for both: remove it first, or write into it in place with -n")
   }
 
   /// Removes the temporary file. Does nothing after `commit()`.
@@ -251,8 +310,49 @@ public final class OutputFile: ByteTarget {
     finished = true
     stopFlusher()
     file.close()
-    unlink(temporaryPath)
+    if !isUnnamed { unlink(temporaryPath) }
     lacuna_cleanup_unregister(cleanupSlot)
+  }
+
+  /// Gives the unnamed file its name. A new destination is linked straight to its name; an
+  /// existing one is replaced by linking to a temporary name (registered for cleanup) and
+  /// renaming that over it, since a link cannot replace a file. Signals are held from the
+  /// first link to the end, so the exit status matches what is at the destination.
+  private func linkIntoPlace() throws {
+    lacuna_commit_begin()
+    var linked: String?
+    do {
+      if lacuna_link_unnamed(file.descriptor, finalPath) == 0 {
+        linked = finalPath
+      } else {
+        guard errno == EEXIST else { throw ImageError.system(path: path, operation: "link the new image into place", errno: errno) }
+        let prefix = OutputFile.temporaryName(beside: finalPath)
+        let letters = Array("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+        for _ in 0..<100 {
+          let candidate = prefix + String((0..<6).map { _ in letters.randomElement()! })
+          if lacuna_link_unnamed(file.descriptor, candidate) == 0 {
+            linked = candidate
+            cleanupSlot = lacuna_cleanup_register(candidate)
+            break
+          }
+          guard errno == EEXIST else {
+            throw ImageError.system(path: path, operation: "link the new image beside the old one", errno: errno)
+          }
+        }
+        guard linked != nil else {
+          throw ImageError.system(path: path, operation: "link the new image beside the old one", errno: EEXIST)
+        }
+      }
+      // Linux reports some write errors only at close: a name that got linked goes again.
+      try file.closeChecked()
+      if let temporary = linked, temporary != finalPath, rename(temporary, finalPath) != 0 {
+        throw ImageError.system(path: path, operation: "rename \(temporary) into place", errno: errno)
+      }
+    } catch {
+      if let linked { unlink(linked) }
+      lacuna_commit_end(0)
+      throw error
+    }
   }
 
   private static let installHandlersOnce: Void = { lacuna_install_signal_handlers() }()

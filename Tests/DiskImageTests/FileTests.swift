@@ -71,12 +71,46 @@ final class FileTests: XCTestCase {
   func testOutputAppearsOnlyOnCommit() throws {
     let destination = path("out.img")
     let output = try OutputFile(creatingBeside: destination)
+    // Unnamed where the file system can (O_TMPFILE): nothing in the directory until commit.
+    XCTAssertTrue(output.isUnnamed, "ext4, xfs, btrfs and tmpfs have O_TMPFILE")
+    XCTAssertTrue(output.temporaryPath.hasPrefix("/proc/self/fd/"), output.temporaryPath)
+    try [UInt8](repeating: 7, count: 512).withUnsafeBytes { try output.file.write($0, at: 0) }
+    XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: directory.path), [])
+    try output.commit()
+    XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: destination)).count, 512)
+    XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: directory.path), ["out.img"])
+  }
+
+  /// Where there is no O_TMPFILE (forced here), a named temporary file beside the
+  /// destination is renamed into place.
+  func testNamedTemporaryFileIsRenamedIntoPlace() throws {
+    setenv("LACUNA_TEMPORARY_FILE", "named", 1)
+    defer { unsetenv("LACUNA_TEMPORARY_FILE") }
+    let destination = path("out.img")
+    let output = try OutputFile(creatingBeside: destination)
+    XCTAssertFalse(output.isUnnamed)
     XCTAssertTrue(output.temporaryPath.hasPrefix(directory.path + "/.out.img.lacuna-"), output.temporaryPath)
     try [UInt8](repeating: 7, count: 512).withUnsafeBytes { try output.file.write($0, at: 0) }
     XCTAssertFalse(FileManager.default.fileExists(atPath: destination))
     try output.commit()
     XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: destination)).count, 512)
     XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: directory.path), ["out.img"])
+  }
+
+  /// Replacing a file: the unnamed file is linked beside it and renamed over it; the old
+  /// file's mode stays, and no temporary name is left.
+  func testUnnamedOutputReplacesAnExistingFile() throws {
+    let destination = path("old.img")
+    FileManager.default.createFile(atPath: destination, contents: Data("old".utf8), attributes: [.posixPermissions: 0o600])
+    let output = try OutputFile(creatingBeside: destination)
+    XCTAssertTrue(output.isUnnamed)
+    try [UInt8](repeating: 9, count: 4096).withUnsafeBytes { try output.file.write($0, at: 0) }
+    XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: destination)), Data("old".utf8))
+    try output.commit()
+    XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: destination)), Data(repeating: 9, count: 4096))
+    XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: directory.path), ["old.img"])
+    let mode = try FileManager.default.attributesOfItem(atPath: destination)[.posixPermissions] as? Int
+    XCTAssertEqual(mode, 0o600)
   }
 
   func testAbandonLeavesNothing() throws {

@@ -180,10 +180,7 @@ final class ConvertRawTests: XCTestCase {
       process.executableURL = URL(fileURLWithPath: try lacunaBinary())
       process.arguments = ["convert", "-m", "1", "-S", "0", "-O", "raw", src, dst]
       try process.run()
-      let deadline = Date().addingTimeInterval(20)
-      while !listing(dir).contains(where: { $0.hasPrefix(".dst.img.lacuna-") }) && Date() < deadline {
-        usleep(2000)
-      }
+      waitUntilWriting(process, in: dir.path)
       kill(process.processIdentifier, signal)
       process.waitUntilExit()
       XCTAssertEqual(process.terminationReason, .uncaughtSignal, "the conversion finished before the signal; the test needs a slower input")

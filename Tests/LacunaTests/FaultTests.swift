@@ -83,6 +83,45 @@ final class FaultTests: XCTestCase {
     XCTAssertEqual(listing(destinationDirectory), ["out.img"])
   }
 
+  /// A file replaced on a nearly full file system: the old image keeps its room until the
+  /// new one is complete, so both must fit. The error says so and names -n, the old file
+  /// is untouched, and -n then writes into it. Needs root for the tmpfs; skipped otherwise.
+  func testReplacingAFileThatWouldNotFitBesideItSaysSo() throws {
+    let mountPoint = work.appendingPathComponent("small").path
+    try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+    let mount = try runProgram("/bin/mount", ["-t", "tmpfs", "-o", "size=6m", "tmpfs", mountPoint])
+    guard mount.status == 0 else {
+      throw XCTSkip("cannot mount a small tmpfs here (\(mount.stderr.trimmingCharacters(in: .whitespacesAndNewlines))); skipping")
+    }
+    addTeardownBlock { _ = try? runProgram("/bin/umount", ["-l", mountPoint]) }
+    destinationDirectory = URL(fileURLWithPath: mountPoint)
+    try makeSource(mebibytes: 4)  // 3 MiB of data, a hole in the last MiB
+    let old = destination("disk.img")
+    let oldBytes = Data(patternBytes(4 << 20, seed: 5))
+    try oldBytes.write(to: URL(fileURLWithPath: old))
+    for format in ["raw", "qcow2"] {
+      let (outcome, timedOut) = try runLacunaBounded(["convert", "-O", format, source, old], seconds: 60)
+      print("replacing on a full tmpfs, -O \(format): \(outcome.stderr)", terminator: "")
+      XCTAssertFalse(timedOut)
+      XCTAssertEqual(outcome.status, 1, outcome.stderr)
+      XCTAssertEqual(outcome.stderr.split(separator: "\n").count, 1, outcome.stderr)
+      XCTAssertTrue(outcome.stderr.contains("No space left on device"), outcome.stderr)
+      XCTAssertTrue(outcome.stderr.contains("no room for both"), outcome.stderr)
+      XCTAssertTrue(outcome.stderr.contains("-n"), outcome.stderr)
+      XCTAssertTrue(try Data(contentsOf: URL(fileURLWithPath: old)) == oldBytes, "the old image changed")
+      XCTAssertEqual(listing(destinationDirectory), ["disk.img"])
+    }
+    // A new file that fits gets no such advice: a plain full disk is only "No space left".
+    let (fresh, _) = try runLacunaBounded(["convert", "-O", "raw", "-S", "0", source, destination("new.img")], seconds: 60)
+    XCTAssertEqual(fresh.status, 1, fresh.stderr)
+    XCTAssertFalse(fresh.stderr.contains("no room for both"), fresh.stderr)
+    XCTAssertEqual(listing(destinationDirectory), ["disk.img"])
+    // -n writes into the old file in place, needing no more room.
+    let (inPlace, _) = try runLacunaBounded(["convert", "-n", "-O", "raw", source, old], seconds: 60)
+    XCTAssertEqual(inPlace.status, 0, inPlace.stderr)
+    XCTAssertTrue(try Data(contentsOf: URL(fileURLWithPath: old)) == Data(contentsOf: URL(fileURLWithPath: source)))
+  }
+
   /// fsync and close that fail (injected with LD_PRELOAD, for regular files opened for
   /// writing only): a non-zero exit and no output.
   func testFailingFsyncAndClose() throws {
@@ -171,10 +210,7 @@ final class FaultTests: XCTestCase {
       // Compressing incompressible data on one thread is slow: time to interrupt it.
       process.arguments = ["convert", "-m", "1", "-c", "-O", "qcow2", source, destination("dst.qcow2")]
       try process.run()
-      let deadline = Date().addingTimeInterval(20)
-      while !listing(destinationDirectory).contains(where: { $0.hasPrefix(".dst.qcow2.lacuna-") }) && Date() < deadline {
-        usleep(2000)
-      }
+      waitUntilWriting(process, in: destinationDirectory.path)
       usleep(100_000)
       kill(process.processIdentifier, signal)
       process.waitUntilExit()
@@ -185,7 +221,9 @@ final class FaultTests: XCTestCase {
   }
 
   /// SIGKILL at random moments: nothing can clean up, but the destination's name only ever
-  /// holds a complete image, and a leftover is a dot-file named `.NAME.lacuna-XXXXXX`.
+  /// holds a complete image. With an unnamed temporary file (O_TMPFILE, as here on ext4 or
+  /// tmpfs) nothing at all is left; with the named one that other file systems get, a
+  /// leftover is a dot-file named `.NAME.lacuna-XXXXXX`.
   func testKilledAtRandomMomentsNeverLeavesAPartialImage() throws {
     try makeSource(mebibytes: 24)
     let expected = work.appendingPathComponent("expected.qcow2").path
@@ -198,11 +236,13 @@ final class FaultTests: XCTestCase {
     let expectedBytes = try Data(contentsOf: URL(fileURLWithPath: expected))
     var generator = SystemRandomNumberGenerator()
     var completed = 0
-    var leftovers = 0
-    for run in 0..<50 {
+    var leftovers = [false: 0, true: 0]
+    for run in 0..<60 {
+      let named = run % 2 == 1
       let process = Process()
       process.executableURL = URL(fileURLWithPath: binary)
       process.arguments = ["convert", "-m", "2", "-O", "qcow2", source, destination("dst.qcow2")]
+      if named { process.environment = ProcessInfo.processInfo.environment.merging(["LACUNA_TEMPORARY_FILE": "named"]) { $1 } }
       process.standardError = FileHandle.nullDevice
       try process.run()
       usleep(UInt32(Double.random(in: 0...(duration * 1.1), using: &generator) * 1_000_000))
@@ -210,10 +250,11 @@ final class FaultTests: XCTestCase {
       process.waitUntilExit()
       let names = listing(destinationDirectory)
       for name in names where name != "dst.qcow2" {
+        XCTAssertTrue(named, "run \(run): an unnamed temporary file left \(name)")
         XCTAssertTrue(
           name.hasPrefix(".dst.qcow2.lacuna-") && name.count == ".dst.qcow2.lacuna-".count + 6,
           "run \(run): unexpected leftover \(name)")
-        leftovers += 1
+        leftovers[named]! += 1
       }
       XCTAssertLessThanOrEqual(names.count, 1, "run \(run): \(names)")
       if names.contains("dst.qcow2") {
@@ -225,6 +266,6 @@ final class FaultTests: XCTestCase {
       }
       for name in names { try FileManager.default.removeItem(atPath: destination(name)) }
     }
-    print("SIGKILL at random moments (conversion \(String(format: "%.3f", duration)) s): 50 runs, \(completed) completed, \(leftovers) left a temporary file")
+    print("SIGKILL at random moments (conversion \(String(format: "%.3f", duration)) s): 60 runs, \(completed) completed, \(leftovers[false]!) unnamed and \(leftovers[true]!) named temporary files left")
   }
 }

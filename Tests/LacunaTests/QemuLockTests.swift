@@ -80,12 +80,7 @@ final class QemuLockTests: QemuTestCase {
       conversion.terminate()
       conversion.waitUntilExit()
     }
-    let deadline = Date().addingTimeInterval(20)
-    while !((try? FileManager.default.contentsOfDirectory(atPath: dir.path)) ?? []).contains(where: { $0.hasPrefix(".dst.img.lacuna-") }),
-      Date() < deadline
-    {
-      usleep(2000)
-    }
+    waitUntilWriting(conversion, in: dir.path)
     let write = try runProgram(which("qemu-io")!, ["-f", "raw", "-c", "write 0 512", source])
     XCTAssertTrue(conversion.isRunning, "the conversion ended before qemu-io tried; the test needs a slower input")
     XCTAssertNotEqual(write.status, 0, "qemu-io wrote into an image lacuna was reading")

@@ -75,3 +75,27 @@ public func requireQemuImg() throws -> String {
   try requireProgram(
     "qemu-img", skipping: "qemu-img is not installed (apt-get install qemu-utils); skipping the comparison with it")
 }
+
+/// Waits (up to `seconds`) until the running `process` is writing its output in
+/// `directory`: a named temporary file (`.NAME.lacuna-XXXXXX`) is there, or the process
+/// holds an unnamed one (O_TMPFILE: `/proc/PID/fd` shows `DIRECTORY/#INODE (deleted)`).
+/// Returns whether it saw either.
+@discardableResult
+public func waitUntilWriting(_ process: Process, in directory: String, seconds: Double = 20) -> Bool {
+  let deadline = Date().addingTimeInterval(seconds)
+  let fdDirectory = "/proc/\(process.processIdentifier)/fd"
+  let resolved = URL(fileURLWithPath: directory).resolvingSymlinksInPath().path
+  while Date() < deadline && process.isRunning {
+    if ((try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []).contains(where: { $0.contains(".lacuna-") }) {
+      return true
+    }
+    for fd in (try? FileManager.default.contentsOfDirectory(atPath: fdDirectory)) ?? [] {
+      guard let target = try? FileManager.default.destinationOfSymbolicLink(atPath: fdDirectory + "/" + fd) else { continue }
+      if (target.hasPrefix(directory + "/#") || target.hasPrefix(resolved + "/#")) && target.hasSuffix("(deleted)") {
+        return true
+      }
+    }
+    usleep(2000)
+  }
+  return false
+}

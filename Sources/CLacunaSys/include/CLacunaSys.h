@@ -76,4 +76,13 @@ lacuna_flusher *lacuna_flusher_start(int fd);
 /// it as the fsync's.
 int lacuna_flusher_stop(lacuna_flusher *flusher);
 
+
+/// An unnamed file in `directory` (O_TMPFILE), which vanishes with the process unless
+/// linked; -1 with errno where the file system cannot (EOPNOTSUPP, EISDIR, EINVAL).
+int lacuna_open_unnamed(const char *directory);
+
+/// Gives the unnamed file `fd` the name `path` (linkat through /proc/self/fd, or
+/// AT_EMPTY_PATH without /proc). Fails with EEXIST when `path` exists.
+int lacuna_link_unnamed(int fd, const char *path);
+
 #endif
