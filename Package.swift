@@ -27,17 +27,19 @@ let package = Package(
       exclude: ["README.md"]),
     .target(name: "Convert", dependencies: ["DiskImage"], path: "Sources/Convert"),
     .target(name: "Stream", dependencies: ["DiskImage", "CZlib"], path: "Formats/Stream", exclude: ["README.md"]),
+    .target(name: "VHD", dependencies: ["DiskImage"], path: "Formats/VHD"),
+    .target(name: "VMDK", dependencies: ["DiskImage", "Compression"], path: "Formats/VMDK"),
     .executableTarget(
       name: "lacuna",
       dependencies: [
-        "CLacunaSys", "DiskImage", "Convert", "Raw", "QCOW2", "Stream",
+        "CLacunaSys", "DiskImage", "Convert", "Raw", "QCOW2", "Stream", "VHD", "VMDK",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
       ],
       path: "Sources/lacuna"),
     // The fuzz harness (Fuzz/, script/fuzz). Every build links it as a replayer of inputs,
     // so it cannot rot; script/fuzz builds it with -DFUZZING and libFuzzer.
     .executableTarget(
-      name: "lacuna-fuzz", dependencies: ["DiskImage", "QCOW2", "Raw", "Stream"],
+      name: "lacuna-fuzz", dependencies: ["DiskImage", "QCOW2", "Raw", "Stream", "VHD", "VMDK"],
       path: "Fuzz"),
     // Helpers shared by the test targets: running programs, qemu, temporary folders, fixtures.
     .target(name: "TestSupport", dependencies: ["DiskImage"], path: "Tests/TestSupport"),
@@ -54,6 +56,8 @@ let package = Package(
       name: "ConformanceTests", dependencies: ["DiskImage", "Raw", "QCOW2", "Stream", "Convert", "TestSupport"],
       path: "Tests/ConformanceTests"),
     .testTarget(name: "LacunaTests", dependencies: ["lacuna", "TestSupport"], path: "Tests/LacunaTests"),
+    .testTarget(name: "VHDTests", dependencies: ["VHD", "DiskImage", "TestSupport"], path: "Tests/VHDTests"),
+    .testTarget(name: "VMDKTests", dependencies: ["VMDK", "DiskImage", "TestSupport"], path: "Tests/VMDKTests"),
     .testTarget(
       name: "StreamTests", dependencies: ["Stream", "DiskImage", "Convert", "Raw", "CZlib", "TestSupport"],
       path: "Tests/StreamTests"),

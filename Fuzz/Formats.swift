@@ -5,12 +5,14 @@ import DiskImage
 import QCOW2
 import Raw
 import Stream
+import VHD
+import VMDK
 
 #if canImport(Glibc)
   import Glibc
 #endif
 
-let fuzzFormats: [ImageFormat] = [QCOW2.format, Raw.format, SparseStream.format]
+let fuzzFormats: [ImageFormat] = [QCOW2.format, Raw.format, SparseStream.format, VHD.format, VMDK.format]
 
 /// "qcow2|raw", for usage lines.
 var formatNames: String { fuzzFormats.map(\.name).joined(separator: "|") }

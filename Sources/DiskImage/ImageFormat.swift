@@ -28,6 +28,9 @@ public struct ImageFormat {
   public var probeLength: Int
   /// True when these leading bytes carry the format's magic. Raw never claims a file.
   public var probe: (_ header: [UInt8]) -> Bool
+  /// True when the file's last 512 bytes (fewer for a shorter file) mark it as this format:
+  /// a trailer such as a fixed VHD's footer. Asked only when no format claims the header.
+  public var probeTrailer: ((_ trailer: [UInt8]) -> Bool)?
   public var capabilities: FormatCapabilities
   /// Opens an image of this format for random access; nil for formats that can only be
   /// read from start to end.
@@ -41,6 +44,7 @@ public struct ImageFormat {
 
   public init(
     name: String, probeLength: Int = 0, probe: @escaping ([UInt8]) -> Bool = { _ in false },
+    probeTrailer: (([UInt8]) -> Bool)? = nil,
     capabilities: FormatCapabilities = [],
     open: ((ByteSource) throws -> ImageReader)? = nil,
     openSequential: ((SequentialInput) throws -> SequentialImageReader)? = nil,
@@ -49,6 +53,7 @@ public struct ImageFormat {
     self.name = name
     self.probeLength = probeLength
     self.probe = probe
+    self.probeTrailer = probeTrailer
     self.capabilities = capabilities
     self.openReader = open
     self.openSequential = openSequential
@@ -108,7 +113,17 @@ public struct FormatRegistry {
         path: source.name, "the file is empty (0 bytes), not an image; give -f raw to use it as an empty raw disk")
     }
     header.removeLast(length - n)
-    return formats.first { $0.probe(header) } ?? fallback
+    if let format = formats.first(where: { $0.probe(header) }) { return format }
+    let trailerFormats = formats.filter { $0.probeTrailer != nil }
+    if !trailerFormats.isEmpty {
+      let size = try source.size()
+      let count = Int(min(size, 512))
+      var trailer = [UInt8](repeating: 0, count: count)
+      let read = try trailer.withUnsafeMutableBytes { try source.read(into: $0, at: size - Int64(count)) }
+      trailer.removeLast(count - read)
+      if let format = trailerFormats.first(where: { $0.probeTrailer!(trailer) }) { return format }
+    }
+    return fallback
   }
 
   /// The format of `source`: the one named (never probed: a guest can write any header

@@ -5,6 +5,8 @@ import DiskImage
 import QCOW2
 import Raw
 import Stream
+import VHD
+import VMDK
 
 #if canImport(Glibc)
   import Glibc
@@ -34,7 +36,8 @@ struct Lacuna: ParsableCommand {
 }
 
 /// The formats this build knows, in probing order; raw is what is left.
-let registry = FormatRegistry(formats: [QCOW2.format, SparseStream.format], fallback: Raw.format)
+let registry = FormatRegistry(
+  formats: [QCOW2.format, SparseStream.format, VMDK.format, VHD.format], fallback: Raw.format)
 /// How every name the user gives or an image holds becomes an image.
 let resolver = Resolver(registry: registry)
 

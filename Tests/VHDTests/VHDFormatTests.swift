@@ -1,0 +1,6 @@
+import VHD
+import XCTest
+
+final class VHDFormatTests: XCTestCase {
+  func testNameIsQemus() { XCTAssertEqual(VHD.format.name, "vpc") }
+}
