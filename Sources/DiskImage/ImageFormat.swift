@@ -101,27 +101,31 @@ public struct FormatRegistry {
     all.filter { $0.capabilities.isSuperset(of: capabilities) }
   }
 
-  /// The format whose magic the source starts with, or the fallback (raw) when none does.
+  /// The format whose magic the source starts with (or whose trailer it ends with), or the
+  /// fallback (raw) when none does. A container lacuna recognises but does not read
+  /// (`Containers`) is refused by name: read as raw, it would be a wrong disk with exit 0.
   public func probe(_ source: ByteSource) throws -> ImageFormat {
-    let length = formats.map(\.probeLength).max() ?? 0
+    let length = max(formats.map(\.probeLength).max() ?? 0, Containers.headerLength)
     var header = [UInt8](repeating: 0, count: length)
     let n = try header.withUnsafeMutableBytes { try source.read(into: $0, at: 0) }
     // An empty file carries no format at all; calling it a raw disk of 0 bytes would turn
     // a failed download into an empty "successful" conversion.
-    if n == 0, length > 0, try source.size() == 0 {
+    if n == 0, try source.size() == 0 {
       throw ImageError.invalid(
         path: source.name, "the file is empty (0 bytes), not an image; give -f raw to use it as an empty raw disk")
     }
     header.removeLast(length - n)
     if let format = formats.first(where: { $0.probe(header) }) { return format }
-    let trailerFormats = formats.filter { $0.probeTrailer != nil }
-    if !trailerFormats.isEmpty {
-      let size = try source.size()
-      let count = Int(min(size, 512))
-      var trailer = [UInt8](repeating: 0, count: count)
-      let read = try trailer.withUnsafeMutableBytes { try source.read(into: $0, at: size - Int64(count)) }
-      trailer.removeLast(count - read)
-      if let format = trailerFormats.first(where: { $0.probeTrailer!(trailer) }) { return format }
+    let size = try source.size()
+    let count = Int(min(size, 512))
+    var trailer = [UInt8](repeating: 0, count: count)
+    let read = try trailer.withUnsafeMutableBytes { try source.read(into: $0, at: size - Int64(count)) }
+    trailer.removeLast(count - read)
+    if let format = formats.first(where: { $0.probeTrailer?(trailer) ?? false }) { return format }
+    if let container = Containers.recognize(header: header, trailer: trailer) {
+      throw ImageError.unsupported(
+        path: source.name,
+        "is \(container), which lacuna does not read; -f raw would copy the container's bytes as they are, not the disk inside")
     }
     return fallback
   }
