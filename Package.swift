@@ -29,17 +29,18 @@ let package = Package(
     .target(name: "Stream", dependencies: ["DiskImage", "CZlib"], path: "Formats/Stream", exclude: ["README.md"]),
     .target(name: "VHD", dependencies: ["DiskImage"], path: "Formats/VHD"),
     .target(name: "VMDK", dependencies: ["DiskImage", "Compression"], path: "Formats/VMDK"),
+    .target(name: "VDI", dependencies: ["DiskImage"], path: "Formats/VDI"),
     .executableTarget(
       name: "lacuna",
       dependencies: [
-        "CLacunaSys", "DiskImage", "Convert", "Raw", "QCOW2", "Stream", "VHD", "VMDK",
+        "CLacunaSys", "DiskImage", "Convert", "Raw", "QCOW2", "Stream", "VHD", "VMDK", "VDI",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
       ],
       path: "Sources/lacuna"),
     // The fuzz harness (Fuzz/, script/fuzz). Every build links it as a replayer of inputs,
     // so it cannot rot; script/fuzz builds it with -DFUZZING and libFuzzer.
     .executableTarget(
-      name: "lacuna-fuzz", dependencies: ["DiskImage", "QCOW2", "Raw", "Stream", "VHD", "VMDK"],
+      name: "lacuna-fuzz", dependencies: ["DiskImage", "QCOW2", "Raw", "Stream", "VHD", "VMDK", "VDI"],
       path: "Fuzz"),
     // Helpers shared by the test targets: running programs, qemu, temporary folders, fixtures.
     .target(name: "TestSupport", dependencies: ["DiskImage"], path: "Tests/TestSupport"),
@@ -58,6 +59,7 @@ let package = Package(
     .testTarget(name: "LacunaTests", dependencies: ["lacuna", "TestSupport"], path: "Tests/LacunaTests"),
     .testTarget(name: "VHDTests", dependencies: ["VHD", "DiskImage", "TestSupport"], path: "Tests/VHDTests"),
     .testTarget(name: "VMDKTests", dependencies: ["VMDK", "DiskImage", "TestSupport"], path: "Tests/VMDKTests"),
+    .testTarget(name: "VDITests", dependencies: ["VDI", "DiskImage", "TestSupport"], path: "Tests/VDITests"),
     .testTarget(
       name: "StreamTests", dependencies: ["Stream", "DiskImage", "Convert", "Raw", "CZlib", "TestSupport"],
       path: "Tests/StreamTests"),

@@ -5,6 +5,7 @@ import DiskImage
 import QCOW2
 import Raw
 import Stream
+import VDI
 import VHD
 import VMDK
 
@@ -12,7 +13,7 @@ import VMDK
   import Glibc
 #endif
 
-let fuzzFormats: [ImageFormat] = [QCOW2.format, Raw.format, SparseStream.format, VHD.format, VMDK.format]
+let fuzzFormats: [ImageFormat] = [QCOW2.format, Raw.format, SparseStream.format, VHD.format, VMDK.format, VDI.format]
 
 /// "qcow2|raw", for usage lines.
 var formatNames: String { fuzzFormats.map(\.name).joined(separator: "|") }

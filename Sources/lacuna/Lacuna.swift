@@ -5,6 +5,7 @@ import DiskImage
 import QCOW2
 import Raw
 import Stream
+import VDI
 import VHD
 import VMDK
 
@@ -37,7 +38,7 @@ struct Lacuna: ParsableCommand {
 
 /// The formats this build knows, in probing order; raw is what is left.
 let registry = FormatRegistry(
-  formats: [QCOW2.format, SparseStream.format, VMDK.format, VHD.format], fallback: Raw.format)
+  formats: [QCOW2.format, SparseStream.format, VMDK.format, VHD.format, VDI.format], fallback: Raw.format)
 /// How every name the user gives or an image holds becomes an image.
 let resolver = Resolver(registry: registry)
 
