@@ -36,6 +36,9 @@ public enum Containers {
       return "a cloop compressed image"
     }
     if trailer.count == 512, trailer.starts(with: Array("koly".utf8)) { return "an Apple disk image (DMG)" }
+    if at(0, [0x45, 0x56, 0x46, 0x09, 0x0d, 0x0a, 0xff, 0x00]) || at(0, [0x45, 0x56, 0x46, 0x32, 0x0d, 0x0a, 0x81, 0x00]) {
+      return "an EnCase evidence file (EWF, E01)"
+    }
     // What a download leaves compressed or packed (an OVA is a tar archive).
     if at(0, [0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00]) { return "an xz-compressed file" }
     if at(0, [0x28, 0xb5, 0x2f, 0xfd]) { return "a zstd-compressed file" }

@@ -78,6 +78,33 @@ final class ProbeTests: QemuTestCase {
     }
   }
 
+  /// Every image of the corpus (made by VMware, VirtualBox, Hyper-V, forensic tools, ...)
+  /// is read as its own format or refused by name; only the two that are raw disks (an ISO
+  /// 9660 file system, a test suite's "invalid image" without magic) are called raw.
+  func testNothingInTheCorpusIsMistakenForRaw() throws {
+    let rawOnes: Set<String> = ["iso9660.raw", "image-default.invalid"]
+    var checked = 0
+    for file in try corpusFiles() {
+      let image = try unpackCorpusFile(file, into: dir)
+      let name = URL(fileURLWithPath: image).lastPathComponent
+      let info = try lacuna("info", "--output=json", image)
+      let saysRaw = info.status == 0 && info.stdout.contains("\"format\": \"raw\"")
+      if rawOnes.contains(name) {
+        XCTAssertTrue(saysRaw, "\(name): \(info.stdout) \(info.stderr)")
+      } else {
+        XCTAssertFalse(saysRaw, "\(name) was read as a raw disk")
+        if info.status != 0 {
+          XCTAssertEqual(info.status, 1, "\(name): \(info.stderr)")
+          XCTAssertEqual(info.stderr.split(separator: "\n").count, 1, info.stderr)
+          XCTAssertTrue(info.stderr.contains(image), info.stderr)
+        }
+      }
+      try? FileManager.default.removeItem(atPath: image)
+      checked += 1
+    }
+    XCTAssertGreaterThan(checked, 30)
+  }
+
   /// A raw disk whose bytes happen to look like nothing in particular stays raw.
   func testPlainDataIsRaw() throws {
     let raw = path("plain.img")
