@@ -13,9 +13,9 @@ public final class Chain {
     self.layers = layers
   }
 
-  /// The identities of the layers whose storage has one, to refuse an output that is one
-  /// of them.
+  /// The identities of the layers' files (and the companion files they read, such as VMDK
+  /// extents) whose storage has one, to refuse an output that is one of them.
   public func identities() throws -> Set<FileIdentity> {
-    Set(try layers.compactMap { try $0.source.identity() })
+    Set(try layers.flatMap { [$0.source] + $0.companionSources }.compactMap { try $0.identity() })
   }
 }

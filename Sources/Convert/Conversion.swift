@@ -168,7 +168,7 @@ public final class Conversion {
     if format.openReader == nil, let openSequential = format.openSequential {
       return .sequential(try openSequential(SequentialInput(source: source)))
     }
-    let top = try format.open(source)
+    let top = try format.open(source, companions: resolver)
     return .chain(try resolver.openChain(above: top, name: request.source, backingFormat: request.sourceBackingFormat))
   }
 

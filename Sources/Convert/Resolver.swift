@@ -6,7 +6,7 @@ import DiskImage
 /// them, names that are not plain file names are refused, chains deeper than `depthLimit`
 /// are refused, and a loop is refused with the whole chain in the error. A policy for
 /// untrusted images belongs here too.
-public struct Resolver {
+public struct Resolver: CompanionOpener {
   /// How far names held by images are trusted.
   public enum Policy: Sendable {
     /// Names an image holds are followed, as qemu-img follows them.
@@ -42,7 +42,30 @@ public struct Resolver {
   public func openImage(_ name: String, format: String?) throws -> ImageReader {
     // A format name that means nothing is the user's mistake whatever the file is.
     if let format { _ = try registry.format(named: format, for: name) }
-    return try registry.open(try openSource(name), format: format)
+    return try registry.open(try openSource(name), format: format, companions: self)
+  }
+
+  /// Opens a file an image names as part of itself (a VMDK extent), by the same rules as a
+  /// backing file: resolved against the image's directory, refused for an untrusted image,
+  /// only regular files and block devices, and never the image itself.
+  public func openCompanion(_ name: String, heldBy referrer: ByteSource, what: String) throws -> ByteSource {
+    let path = try resolve(name, heldBy: referrer.name, what: what)
+    let source: ByteSource
+    do {
+      source = try openSource(path)
+    } catch let error as ImageError {
+      if case .system(_, "open", let code) = error {
+        throw ImageError.system(path: referrer.name, operation: "open \(what) \(path)", errno: code)
+      }
+      if case .usage(let path, let message) = error {
+        throw ImageError.invalid(path: referrer.name, "\(what) \(path) \(message)")
+      }
+      throw error
+    }
+    if let identity = try source.identity(), try identity == referrer.identity() {
+      throw ImageError.invalid(path: referrer.name, "names itself as \(what) '\(name)'")
+    }
+    return source
   }
 
   /// The path a name held by the image at `referrer` stands for: absolute names stand,
@@ -115,7 +138,7 @@ public struct Resolver {
           throw ImageError.invalid(path: (names + [backingPath]).joined(separator: " -> "), "backing chain loops")
         }
         do {
-          layer = try registry.open(source, format: format)
+          layer = try registry.open(source, format: format, companions: self)
         } catch ImageError.usage(_, let message) {
           throw ImageError.invalid(path: referrer.path, "backing file \(backingPath): \(message)")
         }

@@ -19,6 +19,24 @@ public struct FormatCapabilities: OptionSet, Sendable {
   public static let inPlace = FormatCapabilities(rawValue: 1 << 4)
 }
 
+/// Opens the files an image names as parts of itself (the extent files of a VMDK
+/// descriptor), under the rules of whoever opened the image: the Resolver resolves a
+/// relative name against the directory of the image that holds it, refuses URLs, `json:`
+/// names, FIFOs and devices, and refuses everything for an untrusted image.
+public protocol CompanionOpener {
+  /// Opens `name`, as the image read from `referrer` holds it; `what` says what it is to
+  /// the image ("extent file"), for errors.
+  func openCompanion(_ name: String, heldBy referrer: ByteSource, what: String) throws -> ByteSource
+}
+
+/// Opens no companion files: for callers that read one file alone (the fuzz harness, tests).
+public struct NoCompanions: CompanionOpener {
+  public init() {}
+  public func openCompanion(_ name: String, heldBy referrer: ByteSource, what: String) throws -> ByteSource {
+    throw ImageError.unsupported(path: referrer.name, "names \(what) '\(name)', and other files are not opened here")
+  }
+}
+
 /// A disk-image format: how to recognise it, read it and write it. A format reads and
 /// writes through byte sources and targets; where the bytes live is not its business.
 public struct ImageFormat {
@@ -35,6 +53,10 @@ public struct ImageFormat {
   /// Opens an image of this format for random access; nil for formats that can only be
   /// read from start to end.
   public var openReader: ((_ source: ByteSource) throws -> ImageReader)?
+  /// Opens an image of this format whose disk lies partly in other files it names (a VMDK
+  /// descriptor and its extents), opening those through `companions`; nil for formats whose
+  /// image is one file. Takes precedence over `openReader`.
+  public var openWithCompanions: ((_ source: ByteSource, _ companions: CompanionOpener) throws -> ImageReader)?
   /// Opens an image of this format that is read from start to end (from a pipe); nil for
   /// formats that need random access.
   public var openSequential: ((_ input: SequentialInput) throws -> SequentialImageReader)?
@@ -47,6 +69,7 @@ public struct ImageFormat {
     probeTrailer: (([UInt8]) -> Bool)? = nil,
     capabilities: FormatCapabilities = [],
     open: ((ByteSource) throws -> ImageReader)? = nil,
+    openWithCompanions: ((ByteSource, CompanionOpener) throws -> ImageReader)? = nil,
     openSequential: ((SequentialInput) throws -> SequentialImageReader)? = nil,
     create: ((ByteTarget, Int64, WriterOptions) throws -> ImageWriter)? = nil
   ) {
@@ -56,12 +79,15 @@ public struct ImageFormat {
     self.probeTrailer = probeTrailer
     self.capabilities = capabilities
     self.openReader = open
+    self.openWithCompanions = openWithCompanions
     self.openSequential = openSequential
     self.create = create
   }
 
-  /// Opens `source` as this format for random access, or says why it cannot be.
-  public func open(_ source: ByteSource) throws -> ImageReader {
+  /// Opens `source` as this format for random access, or says why it cannot be. Files the
+  /// image names as parts of itself are opened through `companions`.
+  public func open(_ source: ByteSource, companions: CompanionOpener = NoCompanions()) throws -> ImageReader {
+    if let openWithCompanions { return try openWithCompanions(source, companions) }
     guard let open = openReader else {
       throw ImageError.usage(
         path: source.name,
@@ -138,7 +164,9 @@ public struct FormatRegistry {
   }
 
   /// Opens `source` for random access as `formatName`, or probes when it is nil.
-  public func open(_ source: ByteSource, format formatName: String?) throws -> ImageReader {
-    try format(of: source, named: formatName).open(source)
+  public func open(
+    _ source: ByteSource, format formatName: String?, companions: CompanionOpener = NoCompanions()
+  ) throws -> ImageReader {
+    try format(of: source, named: formatName).open(source, companions: companions)
   }
 }

@@ -34,6 +34,9 @@ public protocol ImageReader: AnyObject {
   var warnings: [String] { get }
   /// The format's own facts for `info` (`format-specific.data` in qemu-img's JSON).
   var formatSpecific: [(String, InfoValue)] { get }
+  /// Other files this layer reads its disk from (a VMDK descriptor's extents), opened
+  /// through a CompanionOpener: an output may not be one of them either.
+  var companionSources: [ByteSource] { get }
 
   /// Contiguous extents that cover a prefix of `range`, in order, starting at
   /// `range.lowerBound`. The range is a hint: an implementation may answer for less
@@ -50,6 +53,7 @@ extension ImageReader {
   public var isDirty: Bool { false }
   public var warnings: [String] { [] }
   public var formatSpecific: [(String, InfoValue)] { [] }
+  public var companionSources: [ByteSource] { [] }
   public var path: String { source.name }
 
   /// Refuses a read that does not lie inside the virtual disk; every reader's `read`
