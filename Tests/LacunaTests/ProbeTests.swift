@@ -8,7 +8,7 @@ import XCTest
 /// line, no output), with `-f raw` as the way to copy its bytes on purpose.
 final class ProbeTests: QemuTestCase {
   /// Formats lacuna reads or is about to: they may be read, but never as raw.
-  private let readable: Set<String> = ["vpc", "vmdk"]
+  private let readable: Set<String> = ["vpc", "vmdk", "vdi", "vhdx"]
 
   func testContainersAreNeverReadAsRaw() throws {
     var cases: [(file: String, format: String?, phrase: String)] = []
@@ -20,8 +20,8 @@ final class ProbeTests: QemuTestCase {
       }
       cases.append((name, format, phrase))
     }
-    try make("disk.vhdx", ["create", "-q", "-f", "vhdx"], format: nil, phrase: "a VHDX image")
-    try make("disk.vdi", ["create", "-q", "-f", "vdi"], format: nil, phrase: "a VDI (VirtualBox) image")
+    try make("disk.vhdx", ["create", "-q", "-f", "vhdx"], format: "vhdx", phrase: "a VHDX image")
+    try make("disk.vdi", ["create", "-q", "-f", "vdi"], format: "vdi", phrase: "a VDI (VirtualBox) image")
     try make("disk.qed", ["create", "-q", "-f", "qed"], format: nil, phrase: "a QED image")
     try make("disk.hdd", ["create", "-q", "-f", "parallels"], format: nil, phrase: "a Parallels image")
     try make(
