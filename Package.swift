@@ -27,9 +27,9 @@ let package = Package(
       exclude: ["README.md"]),
     .target(name: "Convert", dependencies: ["DiskImage"], path: "Sources/Convert"),
     .target(name: "Stream", dependencies: ["DiskImage", "CZlib"], path: "Formats/Stream", exclude: ["README.md"]),
-    .target(name: "VHD", dependencies: ["DiskImage"], path: "Formats/VHD"),
-    .target(name: "VMDK", dependencies: ["DiskImage", "Compression"], path: "Formats/VMDK"),
-    .target(name: "VDI", dependencies: ["DiskImage"], path: "Formats/VDI"),
+    .target(name: "VHD", dependencies: ["DiskImage"], path: "Formats/VHD", exclude: ["README.md"]),
+    .target(name: "VMDK", dependencies: ["DiskImage", "Compression"], path: "Formats/VMDK", exclude: ["README.md"]),
+    .target(name: "VDI", dependencies: ["DiskImage"], path: "Formats/VDI", exclude: ["README.md"]),
     .executableTarget(
       name: "lacuna",
       dependencies: [
@@ -57,9 +57,9 @@ let package = Package(
       name: "ConformanceTests", dependencies: ["DiskImage", "Raw", "QCOW2", "Stream", "Convert", "TestSupport"],
       path: "Tests/ConformanceTests"),
     .testTarget(name: "LacunaTests", dependencies: ["lacuna", "TestSupport"], path: "Tests/LacunaTests"),
-    .testTarget(name: "VHDTests", dependencies: ["VHD", "DiskImage", "TestSupport"], path: "Tests/VHDTests"),
-    .testTarget(name: "VMDKTests", dependencies: ["VMDK", "DiskImage", "TestSupport"], path: "Tests/VMDKTests"),
-    .testTarget(name: "VDITests", dependencies: ["VDI", "DiskImage", "TestSupport"], path: "Tests/VDITests"),
+    .testTarget(name: "VHDTests", dependencies: ["VHD", "DiskImage", "TestSupport", "lacuna"], path: "Tests/VHDTests"),
+    .testTarget(name: "VMDKTests", dependencies: ["VMDK", "DiskImage", "lacuna", "TestSupport"], path: "Tests/VMDKTests"),
+    .testTarget(name: "VDITests", dependencies: ["VDI", "DiskImage", "lacuna", "TestSupport"], path: "Tests/VDITests"),
     .testTarget(
       name: "StreamTests", dependencies: ["Stream", "DiskImage", "Convert", "Raw", "CZlib", "TestSupport"],
       path: "Tests/StreamTests"),

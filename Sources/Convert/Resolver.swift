@@ -45,6 +45,14 @@ public struct Resolver: CompanionOpener {
     return try registry.open(try openSource(name), format: format, companions: self)
   }
 
+  /// Other files may be searched for what an image needs unless the image is untrusted.
+  public func checkMaySearch(heldBy referrer: ByteSource, for what: String) throws {
+    if policy == .untrusted {
+      throw ImageError.unsupported(
+        path: referrer.name, "needs other files searched for \(what); an untrusted image may not make lacuna open other files")
+    }
+  }
+
   /// Opens a file an image names as part of itself (a VMDK extent), by the same rules as a
   /// backing file: resolved against the image's directory, refused for an untrusted image,
   /// only regular files and block devices, and never the image itself.

@@ -27,6 +27,9 @@ public protocol CompanionOpener {
   /// Opens `name`, as the image read from `referrer` holds it; `what` says what it is to
   /// the image ("extent file"), for errors.
   func openCompanion(_ name: String, heldBy referrer: ByteSource, what: String) throws -> ByteSource
+  /// Throws unless the image read from `referrer` may make lacuna look through other files
+  /// to find `what` (a differencing VDI searches the .vdi files around it for its parent).
+  func checkMaySearch(heldBy referrer: ByteSource, for what: String) throws
 }
 
 /// Opens no companion files: for callers that read one file alone (the fuzz harness, tests).
@@ -34,6 +37,9 @@ public struct NoCompanions: CompanionOpener {
   public init() {}
   public func openCompanion(_ name: String, heldBy referrer: ByteSource, what: String) throws -> ByteSource {
     throw ImageError.unsupported(path: referrer.name, "names \(what) '\(name)', and other files are not opened here")
+  }
+  public func checkMaySearch(heldBy referrer: ByteSource, for what: String) throws {
+    throw ImageError.unsupported(path: referrer.name, "needs other files searched for \(what), which is not done here")
   }
 }
 

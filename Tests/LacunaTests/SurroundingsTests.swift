@@ -55,11 +55,11 @@ final class SurroundingsTests: XCTestCase {
       }
     }
     // A backing format lacuna does not read is the image's problem too (exit 1).
-    try Data(repeating: 0, count: 4096).write(to: URL(fileURLWithPath: path("base.vmdk")))
-    try runProgram(qemu, ["create", "-q", "-f", "qcow2", "-u", "-b", "base.vmdk", "-F", "vmdk", path("on-vmdk.qcow2"), "1M"])
-    let unknown = try lacunaWithin("convert", "-O", "raw", "on-vmdk.qcow2", "out.img")
+    try Data(repeating: 0, count: 4096).write(to: URL(fileURLWithPath: path("base.qed")))
+    try runProgram(qemu, ["create", "-q", "-f", "qcow2", "-u", "-b", "base.qed", "-F", "qed", path("on-qed.qcow2"), "1M"])
+    let unknown = try lacunaWithin("convert", "-O", "raw", "on-qed.qcow2", "out.img")
     XCTAssertEqual(unknown.status, 1, unknown.stderr)
-    XCTAssertTrue(unknown.stderr.contains("on-vmdk.qcow2: backing file base.vmdk: unknown format 'vmdk'"), unknown.stderr)
+    XCTAssertTrue(unknown.stderr.contains("on-qed.qcow2: backing file base.qed: unknown format 'qed'"), unknown.stderr)
   }
 
   /// A block device is sized by the device, not by `st_size` (0), as a source and as the
