@@ -85,19 +85,23 @@ struct InfoCommand: ParsableCommand {
     if layer.isDirty { lines.append("dirty flag: true") }
     if !layer.formatSpecific.isEmpty {
       lines.append("Format specific information:")
-      for (key, value) in layer.formatSpecific {
-        lines.append("    \(key.replacingOccurrences(of: "-", with: " ")): \(humanValue(value))")
-      }
+      for (key, value) in layer.formatSpecific { lines += humanLines(key, value, indent: 4) }
     }
     return lines.map(escapingControlCharacters).joined(separator: "\n")
   }
 
-  func humanValue(_ value: InfoValue) -> String {
+  /// One field of `format-specific` as qemu-img prints it: `key: value`, with dashes in
+  /// keys as spaces; an object or a list opens a block indented four more, a list's items
+  /// named `[0]`, `[1]`, ...
+  func humanLines(_ key: String, _ value: InfoValue, indent: Int) -> [String] {
+    let head = String(repeating: " ", count: indent) + key.replacingOccurrences(of: "-", with: " ") + ":"
     switch value {
-    case .string(let text): return text
-    case .integer(let number): return String(number)
-    case .bool(let flag): return flag ? "true" : "false"
-    case .array, .object: return renderJSON(value)
+    case .string(let text): return [head + " " + text]
+    case .integer(let number): return [head + " " + String(number)]
+    case .bool(let flag): return [head + " " + (flag ? "true" : "false")]
+    case .object(let fields): return [head] + fields.flatMap { humanLines($0.0, $0.1, indent: indent + 4) }
+    case .array(let items):
+      return [head] + items.enumerated().flatMap { humanLines("[\($0.offset)]", $0.element, indent: indent + 4) }
     }
   }
 }

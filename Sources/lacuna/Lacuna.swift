@@ -20,8 +20,9 @@ struct Lacuna: ParsableCommand {
     commandName: "lacuna",
     abstract: "Convert virtual-machine disk images, keeping their holes.",
     discussion: """
-      lacuna reads raw and qcow2 images (with backing chains), asks each layer which ranges \
-      hold data, reads only those, and writes sparse output. Flags mean what they mean in \
+      lacuna reads raw, qcow2 (with backing chains), VMDK (monolithicSparse, \
+      streamOptimized), VHD (fixed, dynamic, differencing) and VDI images, asks each layer \
+      which ranges hold data, reads only those, and writes sparse output. Flags mean what they mean in \
       qemu-img.
 
       Examples:

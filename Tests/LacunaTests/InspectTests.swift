@@ -51,6 +51,22 @@ final class InspectTests: XCTestCase {
   }
 
   /// With -f the file is never probed: a raw disk whose guest wrote a qcow2 header stays raw.
+  /// The human `info` text is qemu-img's, nested format-specific fields included (a
+  /// VMDK's extents, a qcow2's bitmaps), apart from the image path and the disk size.
+  func testHumanInfoMatchesQemuImgWithNestedFields() throws {
+    let qemu = try requireQemuImg()
+    for name in ["bitmap.qcow2", "vmdk-sparse.vmdk", "vmdk-stream.vmdk", "v3-64k.qcow2"] {
+      let path = fixturePath(name)
+      func significant(_ text: String) -> [Substring] {
+        text.split(separator: "\n").filter { !$0.hasPrefix("image:") && !$0.hasPrefix("disk size:") }
+      }
+      let ours = try lacuna("info", path)
+      XCTAssertEqual(ours.status, 0, ours.stderr)
+      let theirs = try runProgram(qemu, ["info", "-U", path])
+      XCTAssertEqual(significant(ours.stdout), significant(theirs.stdout), name)
+    }
+  }
+
   func testFormatFlagDisablesProbing() throws {
     let dir = try temporaryDirectory(self)
     let src = dir.appendingPathComponent("guest.img").path
