@@ -30,17 +30,18 @@ let package = Package(
     .target(name: "VHD", dependencies: ["DiskImage"], path: "Formats/VHD", exclude: ["README.md"]),
     .target(name: "VMDK", dependencies: ["DiskImage", "Compression"], path: "Formats/VMDK", exclude: ["README.md"]),
     .target(name: "VDI", dependencies: ["DiskImage"], path: "Formats/VDI", exclude: ["README.md"]),
+    .target(name: "VHDX", dependencies: ["DiskImage"], path: "Formats/VHDX", exclude: ["README.md"]),
     .executableTarget(
       name: "lacuna",
       dependencies: [
-        "CLacunaSys", "DiskImage", "Convert", "Raw", "QCOW2", "Stream", "VHD", "VMDK", "VDI",
+        "CLacunaSys", "DiskImage", "Convert", "Raw", "QCOW2", "Stream", "VHD", "VMDK", "VDI", "VHDX",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
       ],
       path: "Sources/lacuna"),
     // The fuzz harness (Fuzz/, script/fuzz). Every build links it as a replayer of inputs,
     // so it cannot rot; script/fuzz builds it with -DFUZZING and libFuzzer.
     .executableTarget(
-      name: "lacuna-fuzz", dependencies: ["DiskImage", "QCOW2", "Raw", "Stream", "VHD", "VMDK", "VDI"],
+      name: "lacuna-fuzz", dependencies: ["DiskImage", "QCOW2", "Raw", "Stream", "VHD", "VMDK", "VDI", "VHDX"],
       path: "Fuzz"),
     // Helpers shared by the test targets: running programs, qemu, temporary folders, fixtures.
     .target(name: "TestSupport", dependencies: ["DiskImage"], path: "Tests/TestSupport"),
@@ -60,6 +61,7 @@ let package = Package(
     .testTarget(name: "VHDTests", dependencies: ["VHD", "DiskImage", "TestSupport", "lacuna"], path: "Tests/VHDTests"),
     .testTarget(name: "VMDKTests", dependencies: ["VMDK", "DiskImage", "lacuna", "TestSupport"], path: "Tests/VMDKTests"),
     .testTarget(name: "VDITests", dependencies: ["VDI", "DiskImage", "lacuna", "TestSupport"], path: "Tests/VDITests"),
+    .testTarget(name: "VHDXTests", dependencies: ["VHDX", "DiskImage", "lacuna", "TestSupport"], path: "Tests/VHDXTests"),
     .testTarget(
       name: "StreamTests", dependencies: ["Stream", "DiskImage", "Convert", "Raw", "CZlib", "TestSupport"],
       path: "Tests/StreamTests"),

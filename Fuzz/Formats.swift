@@ -7,13 +7,14 @@ import Raw
 import Stream
 import VDI
 import VHD
+import VHDX
 import VMDK
 
 #if canImport(Glibc)
   import Glibc
 #endif
 
-let fuzzFormats: [ImageFormat] = [QCOW2.format, Raw.format, SparseStream.format, VHD.format, VMDK.format, VDI.format]
+let fuzzFormats: [ImageFormat] = [QCOW2.format, Raw.format, SparseStream.format, VHD.format, VMDK.format, VDI.format, VHDX.format]
 
 /// "qcow2|raw", for usage lines.
 var formatNames: String { fuzzFormats.map(\.name).joined(separator: "|") }

@@ -7,6 +7,7 @@ import Raw
 import Stream
 import VDI
 import VHD
+import VHDX
 import VMDK
 
 #if canImport(Glibc)
@@ -21,7 +22,7 @@ struct Lacuna: ParsableCommand {
     abstract: "Convert virtual-machine disk images, keeping their holes.",
     discussion: """
       lacuna reads raw, qcow2 (with backing chains), VMDK (monolithicSparse, \
-      streamOptimized), VHD (fixed, dynamic, differencing) and VDI images, asks each layer \
+      streamOptimized), VHD (fixed, dynamic, differencing), VHDX and VDI images, asks each layer \
       which ranges hold data, reads only those, and writes sparse output. Flags mean what they mean in \
       qemu-img.
 
@@ -39,7 +40,7 @@ struct Lacuna: ParsableCommand {
 
 /// The formats this build knows, in probing order; raw is what is left.
 let registry = FormatRegistry(
-  formats: [QCOW2.format, SparseStream.format, VMDK.format, VHD.format, VDI.format], fallback: Raw.format)
+  formats: [QCOW2.format, SparseStream.format, VMDK.format, VHD.format, VDI.format, VHDX.format], fallback: Raw.format)
 /// How every name the user gives or an image holds becomes an image.
 let resolver = Resolver(registry: registry)
 
