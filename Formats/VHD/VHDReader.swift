@@ -15,6 +15,10 @@ public final class VHDReader: ImageReader {
   public var clusterSize: Int? { sparse.map { Int($0.blockSize) } }
   /// The disk type the footer names.
   let diskType: VHDFooter.DiskType
+  /// The footer's unique id, which a child records as its parent's.
+  let uniqueID: [UInt8]
+  /// For a differencing disk, the unique id of the parent it was made from.
+  let parentUniqueID: [UInt8]?
   let fileSize: Int64
   private let sparse: SparseLayout?
   private let bitmaps: BitmapCache
@@ -66,6 +70,8 @@ public final class VHDReader: ImageReader {
     }
     let found = footer!
     diskType = found.diskType
+    uniqueID = found.uniqueID
+    var parentUniqueID: [UInt8]?
     virtualSize = try found.virtualSize(path: path)
     var warnings: [String] = []
 
@@ -91,13 +97,31 @@ public final class VHDReader: ImageReader {
         // recorded as vpc: the parent is never probed, and a parent that is not a VHD is
         // refused when it is opened.
         backing = BackingReference(name: name, format: "vpc")
+        parentUniqueID = header.parentUniqueID
       } else {
         backing = nil
       }
     }
     self.warnings = warnings
+    self.parentUniqueID = parentUniqueID
     let bitmapBytes = Int(sparse?.bitmapSize ?? 512)
     bitmaps = BitmapCache(capacity: max(16, min(4096, (8 << 20) / bitmapBytes)))
+  }
+
+  /// A differencing disk's parent must be the VHD it was made from: its footer's unique id
+  /// is the one the dynamic header records (Virtual PC and Hyper-V refuse any other; qemu
+  /// does not look).
+  public func checkBacking(_ parent: ImageReader) throws {
+    guard let expected = parentUniqueID else { return }
+    guard let vhd = parent as? VHDReader else {
+      throw ImageError.invalid(path: path, "parent \(parent.path) is a \(parent.formatName) image, not a VHD")
+    }
+    guard vhd.uniqueID == expected else {
+      func text(_ id: [UInt8]) -> String { id.map { String($0, radix: 16).leftPadded(to: 2) }.joined() }
+      throw ImageError.invalid(
+        path: path,
+        "parent \(parent.path) has unique id \(text(vhd.uniqueID)), but this differencing VHD was made from \(text(expected)) (a different or changed parent)")
+    }
   }
 
   /// Reads the dynamic header and the BAT, and checks every BAT entry that covers the
@@ -333,5 +357,12 @@ final class BitmapCache: @unchecked Sendable {
       bitmaps[block] = (bytes, clock)
     }
     return bytes
+  }
+}
+
+extension String {
+  /// The string with `character`s in front up to `length` characters.
+  fileprivate func leftPadded(to length: Int, with character: Character = "0") -> String {
+    count >= length ? self : String(repeating: character, count: length - count) + self
   }
 }

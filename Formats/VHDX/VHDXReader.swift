@@ -22,6 +22,22 @@ public final class VHDXReader: ImageReader {
     return ["parent_linkage", "parent_linkage2"].compactMap { locator[$0] }
   }
 
+  /// A differencing image's parent must be the one it was made from: the parent's
+  /// DataWriteGuid is one of the linkages the locator records (Hyper-V refuses any other;
+  /// qemu does not read differencing VHDX at all).
+  public func checkBacking(_ parent: ImageReader) throws {
+    let linkages = parentLinkages
+    guard !linkages.isEmpty else { return }
+    guard let vhdx = parent as? VHDXReader else {
+      throw ImageError.invalid(path: path, "parent \(parent.path) is a \(parent.formatName) image, not a VHDX")
+    }
+    guard linkages.contains(where: { $0.lowercased() == vhdx.dataWriteGuid.lowercased() }) else {
+      throw ImageError.invalid(
+        path: path,
+        "parent \(parent.path) has DataWriteGuid \(vhdx.dataWriteGuid), but this differencing VHDX links to \(linkages.joined(separator: " or ")) (a different or changed parent)")
+    }
+  }
+
   let header: VHDXHeader
   let metadata: VHDXMetadata
   /// The file as read: the source itself, or the source with the log's writes laid over it.

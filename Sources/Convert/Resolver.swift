@@ -150,6 +150,7 @@ public struct Resolver: CompanionOpener {
         } catch ImageError.usage(_, let message) {
           throw ImageError.invalid(path: referrer.path, "backing file \(backingPath): \(message)")
         }
+        try referrer.checkBacking(layer)
       } catch let error as ImageError {
         // Name the chain from the user's image down to the layer at fault.
         if error.path == referrer.path {

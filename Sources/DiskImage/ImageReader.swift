@@ -37,6 +37,10 @@ public protocol ImageReader: AnyObject {
   /// Other files this layer reads its disk from (a VMDK descriptor's extents), opened
   /// through a CompanionOpener: an output may not be one of them either.
   var companionSources: [ByteSource] { get }
+  /// Checks that `parent`, opened from `backing`, is the image this one was made from, where
+  /// the format records that (a VHD's parent unique id, a VHDX's parent linkage): a changed
+  /// or substituted parent would give a disk nobody ever had. Throws naming this image.
+  func checkBacking(_ parent: ImageReader) throws
 
   /// Contiguous extents that cover a prefix of `range`, in order, starting at
   /// `range.lowerBound`. The range is a hint: an implementation may answer for less
@@ -54,6 +58,7 @@ extension ImageReader {
   public var warnings: [String] { [] }
   public var formatSpecific: [(String, InfoValue)] { [] }
   public var companionSources: [ByteSource] { [] }
+  public func checkBacking(_ parent: ImageReader) throws {}
   public var path: String { source.name }
 
   /// Refuses a read that does not lie inside the virtual disk; every reader's `read`

@@ -21,6 +21,8 @@ struct VHDBuilder {
   /// Parent locators: platform code and text (UTF-16LE for W2ru/W2ku, UTF-8 for MacX).
   var locators: [(code: String, text: String)] = []
   var parentName = ""
+  /// The parent's unique id recorded in the dynamic header (bytes 40-55); a pattern when nil.
+  var parentUniqueID: [UInt8]?
 
   var entries: Int { Int(maxTableEntries ?? UInt32((size + Int64(blockSize) - 1) / Int64(blockSize))) }
   var bitmapSize: Int { ((Int(blockSize) / 512 + 7) / 8 + 511) / 512 * 512 }
@@ -68,7 +70,7 @@ struct VHDBuilder {
     BigEndianWriter.store(UInt32(0x0001_0000), at: 24, in: &header)  // header version
     BigEndianWriter.store(UInt32(entries), at: 28, in: &header)
     BigEndianWriter.store(blockSize, at: 32, in: &header)
-    for index in 40..<56 { header[index] = UInt8(index) }  // parent unique id
+    header.replaceSubrange(40..<56, with: parentUniqueID ?? (40..<56).map { UInt8($0) })  // parent unique id
     for (index, unit) in parentName.utf16.prefix(256).enumerated() {
       BigEndianWriter.store(unit, at: 64 + 2 * index, in: &header)
     }

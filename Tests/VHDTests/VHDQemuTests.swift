@@ -141,6 +141,10 @@ final class VHDQemuTests: QemuTestCase {
       (index: 3, bitmap: nil, data: [UInt8](repeating: 0xc2, count: 100)),
     ]
     child.locators = [("W2ku", "C:\\VMs\\base.vhd"), ("W2ru", ".\\base.vhd")]
+    // The child records the unique id of the base's footer (bytes 68-83 of the last 512).
+    let baseFile = [UInt8](try Data(contentsOf: URL(fileURLWithPath: base)))
+    let footerStart = baseFile.count - 512
+    child.parentUniqueID = Array(baseFile[footerStart + 68..<footerStart + 84])
     try write(child.build(), to: path("child.vhd"))
 
     var expected = baseBytes
@@ -158,6 +162,16 @@ final class VHDQemuTests: QemuTestCase {
     XCTAssertTrue(try [UInt8](Data(contentsOf: URL(fileURLWithPath: path("out.raw")))) == expected)
     let info = try lacuna(["info", path("child.vhd")])
     XCTAssertTrue(info.stdout.contains("backing file: base.vhd"), info.stdout)
+
+    // A parent that is not the one the child was made from (another unique id) is refused.
+    var stranger = child
+    stranger.parentUniqueID = [UInt8](repeating: 0x77, count: 16)
+    try write(stranger.build(), to: path("stranger.vhd"))
+    let refused = try lacuna(["convert", "-O", "raw", path("stranger.vhd"), path("out3.raw")])
+    XCTAssertEqual(refused.status, 1, refused.stderr)
+    assertOneLineNaming(refused.stderr, "stranger.vhd")
+    XCTAssertTrue(refused.stderr.contains("this differencing VHD was made from 77777777"), refused.stderr)
+    XCTAssertFalse(FileManager.default.fileExists(atPath: path("out3.raw")))
 
     // Without its parent the child cannot be read: one line naming the image.
     try FileManager.default.removeItem(atPath: base)

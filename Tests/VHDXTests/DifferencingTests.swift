@@ -13,10 +13,10 @@ final class DifferencingTests: QemuTestCase {
     try qemuImgOK("create", "-f", "vhdx", "-o", "block_size=1M", parent, "4M")
     try qemuIO(parent, "write -P 0x11 0 4M")
 
+    // The child links to the parent's DataWriteGuid, as Hyper-V records it.
+    let linkage = try openVHDX(parent).dataWriteGuid
     var builder = VHDXBuilder()
-    builder.parentLocator = [
-      ("parent_linkage", "{11111111-2222-3333-4444-555555555555}"), ("relative_path", ".\\parent.vhdx"),
-    ]
+    builder.parentLocator = [("parent_linkage", linkage), ("relative_path", ".\\parent.vhdx")]
     let payload = VHDXBuilder.payloadOffset
     let bitmapOffset = payload + (2 << 20)
     builder.bat = [
@@ -43,5 +43,17 @@ final class DifferencingTests: QemuTestCase {
     expected.replaceSubrange(1 << 20..<2 << 20, with: [UInt8](repeating: 0x72, count: 1 << 20))
     expected.replaceSubrange(3 << 20..<4 << 20, with: [UInt8](repeating: 0, count: 1 << 20))
     XCTAssertTrue([UInt8](try Data(contentsOf: URL(fileURLWithPath: output))) == expected, "the chain's bytes differ")
+
+    // A child made from another parent (its linkage is not this parent's DataWriteGuid) is
+    // refused, naming the child: the chain would be a disk nobody ever had.
+    builder.parentLocator = [("parent_linkage", "{99999999-2222-3333-4444-555555555555}"), ("relative_path", "parent.vhdx")]
+    let stranger = path("stranger.vhdx")
+    try Data(builder.build()).write(to: URL(fileURLWithPath: stranger))
+    let refused = try lacuna(["convert", "-O", "raw", stranger, path("stranger.raw")])
+    XCTAssertEqual(refused.status, 1, refused.stderr)
+    XCTAssertEqual(refused.stderr.split(separator: "\n").count, 1, refused.stderr)
+    XCTAssertTrue(refused.stderr.contains("\(stranger): parent"), refused.stderr)
+    XCTAssertTrue(refused.stderr.contains("links to {99999999-2222-3333-4444-555555555555}"), refused.stderr)
+    XCTAssertFalse(FileManager.default.fileExists(atPath: path("stranger.raw")))
   }
 }
