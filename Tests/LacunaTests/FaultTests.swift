@@ -146,6 +146,34 @@ final class FaultTests: XCTestCase {
     XCTAssertTrue(outcome.stderr.contains("fsync the directory"), outcome.stderr)
   }
 
+  /// SIGTERM while the finished output is linked or renamed into place: the signal is held
+  /// until the output is there, and then the work it would have stopped is done, so the
+  /// exit status is 0 and the destination holds the complete image (never a failure with
+  /// an output in place). Unnamed temporary file (linkat) and named one (rename), a new
+  /// destination and one replaced.
+  func testASignalDuringTheFinalLinkWaitsForIt() throws {
+    let library = try faultInjectionLibrary()
+    try makeSource(mebibytes: 2)
+    let expected = work.appendingPathComponent("expected.qcow2").path
+    XCTAssertEqual(try runProgram(try lacunaBinary(), ["convert", "-O", "qcow2", source, expected]).status, 0)
+    let expectedBytes = try Data(contentsOf: URL(fileURLWithPath: expected))
+    for named in [false, true] {
+      for replacing in [false, true] {
+        if replacing { try Data("old".utf8).write(to: URL(fileURLWithPath: destination("out.qcow2"))) }
+        var environment = ["LD_PRELOAD": library, "LACUNA_FAULT": "term-in-link"]
+        if named { environment["LACUNA_TEMPORARY_FILE"] = "named" }
+        let (outcome, timedOut) = try runLacunaBounded(
+          ["convert", "-O", "qcow2", source, destination("out.qcow2")], environment: environment)
+        XCTAssertFalse(timedOut)
+        XCTAssertNil(outcome.signal, "named \(named), replacing \(replacing): died of the signal with the output in place")
+        XCTAssertEqual(outcome.status, 0, "named \(named), replacing \(replacing): \(outcome.stderr)")
+        XCTAssertTrue(try Data(contentsOf: URL(fileURLWithPath: destination("out.qcow2"))) == expectedBytes)
+        XCTAssertEqual(listing(destinationDirectory), ["out.qcow2"], "named \(named), replacing \(replacing)")
+        try FileManager.default.removeItem(atPath: destination("out.qcow2"))
+      }
+    }
+  }
+
   /// A tiny preload library whose fsync or close fails with EIO when LACUNA_FAULT says so.
   func faultInjectionLibrary() throws -> String {
     guard let compiler = which("clang") ?? which("cc") ?? which("gcc") else {
@@ -157,6 +185,7 @@ final class FaultTests: XCTestCase {
       #define _GNU_SOURCE
       #include <dlfcn.h>
       #include <errno.h>
+      #include <signal.h>
       #include <fcntl.h>
       #include <stdlib.h>
       #include <string.h>
@@ -191,6 +220,21 @@ final class FaultTests: XCTestCase {
           return -1;
         }
         return real(fd);
+      }
+
+      /* A terminating signal that lands while the output is put in place. */
+      int linkat(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, int flags) {
+        static int (*real)(int, const char *, int, const char *, int);
+        if (!real) real = (int (*)(int, const char *, int, const char *, int))dlsym(RTLD_NEXT, "linkat");
+        if (wants("term-in-link")) raise(SIGTERM);
+        return real(olddirfd, oldpath, newdirfd, newpath, flags);
+      }
+
+      int rename(const char *oldpath, const char *newpath) {
+        static int (*real)(const char *, const char *);
+        if (!real) real = (int (*)(const char *, const char *))dlsym(RTLD_NEXT, "rename");
+        if (wants("term-in-link")) raise(SIGTERM);
+        return real(oldpath, newpath);
       }
       """.write(toFile: sourcePath, atomically: true, encoding: .utf8)
     let build = try runProgram(compiler, ["-shared", "-fPIC", "-O1", "-o", libraryPath, sourcePath, "-ldl"])
