@@ -180,7 +180,10 @@ final class GeneratedVMDKTests: QemuTestCase {
         return XCTFail("no cid in format-specific")
       }
       let identifier = lines.first { $0.hasPrefix("Content identifier:") } ?? ""
-      XCTAssertTrue(identifier.hasSuffix("0x" + String(cid, radix: 16)), "vmdkinfo says:\n\(outcome.stdout)")
+      // vmdkinfo prints all 8 digits (0x01e94b68).
+      let digits = String(cid, radix: 16)
+      let padded = String(repeating: "0", count: max(0, 8 - digits.count)) + digits
+      XCTAssertTrue(identifier.hasSuffix("0x" + padded), "vmdkinfo says:\n\(outcome.stdout)")
     }
   }
 }
