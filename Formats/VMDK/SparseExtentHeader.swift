@@ -92,8 +92,12 @@ struct SparseLayout {
   static let maximumDescriptorSectors: UInt64 = 2048
 
   /// Checks `header` (the file's first 512 bytes) against the file's size and, for a stream
-  /// whose grain directory is at the end, reads and checks the footer.
-  static func check(_ header: SparseExtentHeader, source: ByteSource, fileSize: Int64) throws -> SparseLayout {
+  /// whose grain directory is at the end, reads and checks the footer. `needsDescriptor`:
+  /// the file is a whole image and must embed its descriptor; an extent of a descriptor's
+  /// disk may have none (its `descriptorRange` is then empty).
+  static func check(
+    _ header: SparseExtentHeader, source: ByteSource, fileSize: Int64, needsDescriptor: Bool = true
+  ) throws -> SparseLayout {
     let path = source.name
     func invalid(_ message: String) -> ImageError { .invalid(path: path, message) }
     func unsupported(_ message: String) -> ImageError { .unsupported(path: path, message) }
@@ -113,23 +117,26 @@ struct SparseLayout {
     if header.flags & SparseExtentHeader.Flag.compressedGrains != 0, !header.isCompressed {
       throw invalid("the flags say grains are compressed (0x10000) but the compression algorithm is 0 (none)")
     }
-    guard header.descriptorOffset != 0 else {
+    if header.descriptorOffset == 0, needsDescriptor {
       throw unsupported(
         "this sparse extent has no embedded descriptor: it is one extent of a split (twoGbMaxExtentSparse) disk; open the disk's descriptor .vmdk instead")
     }
 
     // The embedded descriptor.
-    guard header.descriptorSize > 0, header.descriptorSize <= maximumDescriptorSectors else {
-      throw invalid(
-        "the embedded descriptor's size is \(header.descriptorSize) sectors, expected 1 to \(maximumDescriptorSectors)")
+    var descriptorRange: Range<Int64> = 0..<0
+    if header.descriptorOffset != 0 {
+      guard header.descriptorSize > 0, header.descriptorSize <= maximumDescriptorSectors else {
+        throw invalid(
+          "the embedded descriptor's size is \(header.descriptorSize) sectors, expected 1 to \(maximumDescriptorSectors)")
+      }
+      guard let descriptorStart = byteOffset(ofSector: header.descriptorOffset),
+        descriptorStart + Int64(header.descriptorSize) * 512 <= fileSize
+      else {
+        throw invalid(
+          "the embedded descriptor at sector \(header.descriptorOffset) (\(header.descriptorSize) sectors) is past the end of the file (size \(hex(fileSize)))")
+      }
+      descriptorRange = descriptorStart..<descriptorStart + Int64(header.descriptorSize) * 512
     }
-    guard let descriptorStart = byteOffset(ofSector: header.descriptorOffset),
-      descriptorStart + Int64(header.descriptorSize) * 512 <= fileSize
-    else {
-      throw invalid(
-        "the embedded descriptor at sector \(header.descriptorOffset) (\(header.descriptorSize) sectors) is past the end of the file (size \(hex(fileSize)))")
-    }
-    let descriptorRange = descriptorStart..<descriptorStart + Int64(header.descriptorSize) * 512
 
     // A stream written in one pass records the grain directory only in its footer.
     var inForce = header
@@ -191,7 +198,7 @@ struct SparseLayout {
     guard directoryEntries == 0 || !directoryRange.overlaps(0..<Int64(SparseExtentHeader.size)) else {
       throw invalid("the grain directory at sector \(inForce.gdOffset) overlaps the header")
     }
-    guard directoryEntries == 0 || !directoryRange.overlaps(descriptorRange) else {
+    guard directoryEntries == 0 || descriptorRange.isEmpty || !directoryRange.overlaps(descriptorRange) else {
       throw invalid("the grain directory at sector \(inForce.gdOffset) overlaps the embedded descriptor")
     }
     guard let overHeadBytes = byteOffset(ofSector: header.overHead), overHeadBytes <= fileSize else {

@@ -1,13 +1,15 @@
 import DiskImage
 
-/// VMware's VMDK, read: single-file sparse disks (monolithicSparse and streamOptimized),
-/// which start with the sparse extent magic "KDMV" and embed their descriptor. Text
-/// descriptors, split, flat and ESX (COWD) disks are not probed here.
+/// VMware's VMDK, read: single-file sparse disks (monolithicSparse, streamOptimized), which
+/// start with the sparse extent magic "KDMV" and embed their descriptor, and descriptor
+/// files (first line `# Disk DescriptorFile`) whose extents are other files, opened through
+/// the caller's `CompanionOpener`. ESX sparse (COWD, seSparse) extents are not read.
 public enum VMDK {
   /// "KDMV", the first four bytes of a hosted sparse extent (little-endian 0x564d444b).
   public static let magic: [UInt8] = SparseExtentHeader.magic
 
   public static let format = ImageFormat(
-    name: "vmdk", probeLength: 4, probe: { $0.starts(with: magic) },
-    open: { source in try VMDKReader(source: source) })
+    name: "vmdk", probeLength: 1024,
+    probe: { $0.starts(with: magic) || VMDKDescriptor.isDescriptorFile($0) },
+    openWithCompanions: { source, companions in try VMDKReader(source: source, companions: companions) })
 }

@@ -1,94 +1,90 @@
-import Compression
 import DiskImage
 
-/// Reads a single-file VMDK: a hosted sparse extent ("KDMV") with its descriptor embedded,
-/// as monolithicSparse and streamOptimized disks are. The grain directory is read once; grain
-/// tables go through a bounded cache; compressed grains are inflated on demand.
-///
-/// Split disks, delta disks (a parent) and descriptors of more than one extent are refused
-/// by name. See README.md beside this file for the layout and every check.
+/// Reads a VMDK: the concatenation of the extents its descriptor lists. The descriptor is
+/// either embedded in a single sparse file (monolithicSparse, streamOptimized: the file is
+/// its own one extent) or a text file of its own whose extents are other files, opened
+/// through a `CompanionOpener` (monolithicFlat, twoGbMaxExtentFlat/Sparse, vmfs). A delta
+/// disk names its parent (`parentFileNameHint`); its unallocated grains are the parent's.
+/// See README.md beside this file for the layout and every check.
 public final class VMDKReader: ImageReader {
   public let source: ByteSource
   public var formatName: String { "vmdk" }
-  public var virtualSize: Int64 { layout.virtualSize }
-  public var backing: BackingReference? { nil }
-  public var clusterSize: Int? { layout.grainBytes }
+  public let virtualSize: Int64
+  public let backing: BackingReference?
+  public let clusterSize: Int?
   public let warnings: [String]
+  public var companionSources: [ByteSource] { extentFiles }
 
-  let layout: SparseLayout
   let descriptor: VMDKDescriptor
-  let fileSize: Int64
-  /// The grain directory: the sector of each grain table, 0 for none.
-  private let directory: [UInt32]
-  private let tables = GrainTableCache()
-  private let inflaters = ZlibStreamInflaterPool()
-  /// Host ranges no grain table or grain may overlap.
-  private let metadataRanges: [(range: Range<Int64>, name: String)]
+  /// The extents in disk order, each starting where the one before ends.
+  let extents: [VMDKExtent]
+  /// True when the descriptor is embedded in `source`, the only extent.
+  let isSingleFile: Bool
+  /// The distinct files the extents read (not `source` itself).
+  private let extentFiles: [ByteSource]
 
-  /// How many grain tables one `extents` call visits at most; callers loop for the rest.
-  static let tablesPerAnswer = 64
-
-  public init(source: ByteSource) throws {
-    self.source = source
-    let path = source.name
-    fileSize = try source.size()
-    guard fileSize >= Int64(SparseExtentHeader.size) else {
-      throw ImageError.invalid(
-        path: path, "the file (\(fileSize) bytes) is too short for a VMDK sparse extent header (512 bytes)")
-    }
-    let headerBytes = try source.readBytes(count: SparseExtentHeader.size, at: 0, what: "the VMDK header")
-    guard let header = SparseExtentHeader(headerBytes) else {
-      throw ImageError.invalid(path: path, "the file does not start with the VMDK sparse extent magic KDMV")
-    }
-    let layout = try SparseLayout.check(header, source: source, fileSize: fileSize)
-    self.layout = layout
-
-    let descriptorBytes = try source.readBytes(
-      count: Int(layout.descriptorRange.count), at: layout.descriptorRange.lowerBound, what: "the embedded descriptor")
-    let descriptor = try VMDKDescriptor.parse(descriptorBytes, path: path)
-    self.descriptor = descriptor
-    try Self.checkSupported(descriptor, capacity: layout.header.capacity, path: path)
-
-    let entries = layout.directoryEntries
-    var directory = [UInt32](repeating: 0, count: entries)
-    if entries > 0 {
-      let directoryOffset = layout.directoryOffset
-      try directory.withUnsafeMutableBytes {
-        try source.readExactly(into: $0, at: directoryOffset, what: "the grain directory")
-      }
-      for index in directory.indices { directory[index] = UInt32(littleEndian: directory[index]) }
-    }
-    self.directory = directory
-
-    var metadata: [(range: Range<Int64>, name: String)] = [
-      (0..<Int64(SparseExtentHeader.size), "the header"),
-      (layout.descriptorRange, "the embedded descriptor"),
-    ]
-    if entries > 0 {
-      metadata.append((layout.directoryOffset..<layout.directoryOffset + Int64(entries) * 4, "the grain directory"))
-    }
-    if let footer = layout.footerRange { metadata.append((footer, "the footer")) }
-    metadataRanges = metadata
-
-    warnings =
-      header.uncleanShutdown
-      ? ["the image was not closed cleanly (uncleanShutdown is set); reading it anyway, check the result"] : []
+  /// Opens a single-file sparse VMDK; a descriptor file needs `init(source:companions:)`.
+  public convenience init(source: ByteSource) throws {
+    try self.init(source: source, companions: NoCompanions())
   }
 
-  /// Refuses what this reader does not read: delta disks, several extents, other types.
-  private static func checkSupported(_ descriptor: VMDKDescriptor, capacity: UInt64, path: String) throws {
-    guard let createType = descriptor.createType else {
-      throw ImageError.invalid(path: path, "the embedded descriptor has no createType")
+  /// Opens the VMDK in `source`, opening the files its descriptor names through `companions`.
+  public init(source: ByteSource, companions: CompanionOpener) throws {
+    self.source = source
+    let path = source.name
+    let head = try source.readBytes(count: Int(min(try source.size(), 1024)), at: 0, what: "the VMDK header")
+    if head.starts(with: SparseExtentHeader.magic) {
+      let sparse = try SparseExtentReader(source: source, needsDescriptor: true)
+      let descriptor = try VMDKDescriptor.parse(try sparse.embeddedDescriptorBytes(), path: path)
+      try Self.checkEmbedded(descriptor, capacity: sparse.layout.header.capacity, path: path)
+      self.descriptor = descriptor
+      extents = [VMDKExtent(line: descriptor.extents[0], start: 0, length: sparse.virtualSize, storage: .sparse(sparse))]
+      isSingleFile = true
+      extentFiles = []
+      warnings = sparse.warnings
+    } else if VMDKDescriptor.isDescriptorFile(head) {
+      let size = try source.size()
+      guard size <= VMDKDescriptor.maximumFileBytes else {
+        throw ImageError.invalid(
+          path: path, "the descriptor file is \(size) bytes, more than \(VMDKDescriptor.maximumFileBytes): it is not a VMDK descriptor")
+      }
+      let text = try source.readBytes(count: Int(size), at: 0, what: "the descriptor")
+      let descriptor = try VMDKDescriptor.parse(text, path: path, embedded: false)
+      try Self.checkDescriptorFile(descriptor, path: path)
+      self.descriptor = descriptor
+      (extents, extentFiles) = try Self.openExtents(descriptor, source: source, companions: companions)
+      isSingleFile = false
+      warnings = extents.flatMap { extent -> [String] in
+        guard case .sparse(let reader) = extent.storage else { return [] }
+        return reader.warnings.map { "extent file \(reader.path): \($0)" }
+      }
+    } else {
+      throw ImageError.invalid(
+        path: path, "the file is neither a VMDK sparse extent (magic KDMV) nor a descriptor file (\(VMDKDescriptor.signature))")
     }
-    guard let parent = descriptor.parentContentID, descriptor.contentID != nil else {
-      throw ImageError.invalid(path: path, "the embedded descriptor lacks a CID or a parentCID line")
+    virtualSize = extents.last.map { $0.start + $0.length } ?? 0
+    backing = try Self.parent(of: descriptor, path: path)
+    let grainSizes = Set(extents.map { extent -> Int? in
+      if case .sparse(let reader) = extent.storage { return reader.layout.grainBytes }
+      return nil
+    })
+    clusterSize = grainSizes.count == 1 ? grainSizes.first! : nil
+  }
+
+  // MARK: - Checking the descriptor
+
+  private static func requireHeaderKeys(_ descriptor: VMDKDescriptor, path: String, embedded: Bool) throws {
+    let name = embedded ? "embedded descriptor" : "descriptor"
+    guard descriptor.createType != nil else { throw ImageError.invalid(path: path, "the \(name) has no createType") }
+    guard descriptor.parentContentID != nil, descriptor.contentID != nil else {
+      throw ImageError.invalid(path: path, "the \(name) lacks a CID or a parentCID line")
     }
-    if parent != VMDKDescriptor.noParent || descriptor.parentFileNameHint != nil {
-      let hint = descriptor.parentFileNameHint.map { ", parent \"\($0)\"" } ?? ""
-      throw ImageError.unsupported(
-        path: path,
-        "VMDK delta disks are not read yet (parentCID \(String(parent, radix: 16, uppercase: false))\(hint))")
-    }
+  }
+
+  /// The descriptor of a single sparse file names that file as its one SPARSE extent.
+  private static func checkEmbedded(_ descriptor: VMDKDescriptor, capacity: UInt64, path: String) throws {
+    try requireHeaderKeys(descriptor, path: path, embedded: true)
+    let createType = descriptor.createType!
     guard createType == "monolithicSparse" || createType == "streamOptimized" else {
       throw ImageError.unsupported(
         path: path,
@@ -96,7 +92,7 @@ public final class VMDKReader: ImageReader {
     }
     guard descriptor.extents.count <= 1 else {
       throw ImageError.unsupported(
-        path: path, "the descriptor names \(descriptor.extents.count) extents; VMDK disks of several extents are not read yet")
+        path: path, "the embedded descriptor names \(descriptor.extents.count) extents; a sparse file holds one")
     }
     guard let extent = descriptor.extents.first else {
       throw ImageError.invalid(path: path, "the embedded descriptor names no extent")
@@ -111,255 +107,252 @@ public final class VMDKReader: ImageReader {
     }
   }
 
-  /// `format-specific.data` as qemu-img 7.2 prints it for a single-file VMDK, key for key.
+  /// createTypes whose extents are device-backed: not file images.
+  static let deviceCreateTypes: Set<String> = [
+    "vmfsRaw", "vmfsRawDeviceMap", "vmfsPassthroughRawDeviceMap", "fullDevice", "partitionedDevice",
+  ]
+
+  /// Checks a descriptor file's keys and every extent line before any file is opened, so a
+  /// hostile descriptor is refused for what it says, not for what opening its files does.
+  private static func checkDescriptorFile(_ descriptor: VMDKDescriptor, path: String) throws {
+    try requireHeaderKeys(descriptor, path: path, embedded: false)
+    let createType = descriptor.createType!
+    if deviceCreateTypes.contains(createType) {
+      throw ImageError.unsupported(path: path, "VMDK createType \"\(createType)\" is backed by a device, not files; it is not read")
+    }
+    guard !descriptor.extents.isEmpty else { throw ImageError.invalid(path: path, "the descriptor names no extent") }
+    var total: UInt64 = 0
+    for (index, line) in descriptor.extents.enumerated() {
+      func refuse(_ message: String) -> ImageError {
+        .invalid(path: path, "extent \(index + 1) (\(line.type) \(line.fileName.map { "\"\($0)\"" } ?? "")): \(message)")
+      }
+      guard line.access != "NOACCESS" else {
+        throw ImageError.unsupported(path: path, "extent \(index + 1) is NOACCESS: its content may not be read")
+      }
+      guard line.sectors > 0 else { throw refuse("it has 0 sectors") }
+      let (sum, overflow) = total.addingReportingOverflow(line.sectors)
+      guard !overflow, sum <= UInt64(Int64.max / 512) else {
+        throw ImageError.invalid(path: path, "the extents add up to more than 2^63 bytes: the sizes are absurd")
+      }
+      total = sum
+      switch line.type {
+      case "FLAT", "VMFS":
+        guard line.fileName != nil else { throw refuse("it names no file") }
+        if line.type == "VMFS", let offset = line.offset, offset != 0 {
+          throw refuse("a VMFS extent has no offset, this one says \(offset)")
+        }
+        guard (line.offset ?? 0) <= UInt64(Int64.max / 512) - line.sectors else { throw refuse("its offset is absurd") }
+      case "SPARSE":
+        guard line.fileName != nil else { throw refuse("it names no file") }
+        guard (line.offset ?? 0) == 0 else { throw refuse("a SPARSE extent has no offset, this one says \(line.offset!)") }
+      case "ZERO":
+        guard line.fileName == nil else { throw refuse("a ZERO extent names no file") }
+      case "VMFSSPARSE", "SESPARSE":
+        throw ImageError.unsupported(path: path, "extent \(index + 1) is \(line.type) (an ESX snapshot file), which is not read")
+      case "VMFSRDM", "VMFSRAW":
+        throw ImageError.unsupported(path: path, "extent \(index + 1) is \(line.type), a device, which is not read")
+      default:
+        throw ImageError.unsupported(path: path, "extent \(index + 1) has type \(line.type.prefix(40)), which is not read")
+      }
+      if let name = line.fileName {
+        guard !name.isEmpty else { throw refuse("its file name is empty") }
+        guard !name.hasPrefix("/") else {
+          throw refuse("its file name is absolute; extent files are named relative to the descriptor")
+        }
+      }
+    }
+  }
+
+  /// Opens every extent's file (each distinct name once) and checks it against its line.
+  private static func openExtents(
+    _ descriptor: VMDKDescriptor, source: ByteSource, companions: CompanionOpener
+  ) throws -> (extents: [VMDKExtent], files: [ByteSource]) {
+    let path = source.name
+    var opened: [String: ByteSource] = [:]
+    var files: [ByteSource] = []
+    var sparseReaders: [String: SparseExtentReader] = [:]
+    var extents: [VMDKExtent] = []
+    var start: Int64 = 0
+    for (index, line) in descriptor.extents.enumerated() {
+      let length = Int64(line.sectors) * 512
+      var file: ByteSource?
+      if let name = line.fileName {
+        if let known = opened[name] {
+          file = known
+        } else {
+          let companion = try companions.openCompanion(name, heldBy: source, what: "extent file")
+          opened[name] = companion
+          files.append(companion)
+          file = companion
+        }
+      }
+      let storage: VMDKExtent.Storage
+      switch line.type {
+      case "ZERO":
+        storage = .zero
+      case "SPARSE":
+        let name = line.fileName!
+        let reader: SparseExtentReader
+        if let known = sparseReaders[name] {
+          reader = known
+        } else {
+          reader = try inExtentFile(file!, of: path) { try SparseExtentReader(source: file!, needsDescriptor: false) }
+          sparseReaders[name] = reader
+        }
+        guard reader.layout.header.capacity == line.sectors else {
+          throw ImageError.invalid(
+            path: path,
+            "extent \(index + 1) has \(line.sectors) sectors, but its extent file \(file!.name) has a capacity of \(reader.layout.header.capacity)")
+        }
+        storage = .sparse(reader)
+      default:
+        let offset = Int64(line.offset ?? 0) * 512
+        let fileSize = try file!.size()
+        guard fileSize - offset >= length else {
+          throw ImageError.invalid(
+            path: path,
+            "extent file \(file!.name) is \(fileSize) bytes, shorter than extent \(index + 1) (\(length) bytes from byte \(offset))")
+        }
+        storage = .flat(file!, offset: offset)
+      }
+      extents.append(VMDKExtent(line: line, start: start, length: length, storage: storage))
+      start += length
+    }
+    return (extents, files)
+  }
+
+  /// Runs `body` on an extent file, naming the descriptor in its errors: a damaged extent
+  /// is the disk's problem, and the user named the descriptor.
+  static func inExtentFile<T>(_ file: ByteSource, of descriptorPath: String, _ body: () throws -> T) throws -> T {
+    do {
+      return try body()
+    } catch let error as ImageError {
+      guard error.path != descriptorPath else { throw error }
+      switch error {
+      case .system(_, let operation, let code):
+        throw ImageError.system(path: descriptorPath, operation: "extent file \(error.path): \(operation)", errno: code)
+      case .unsupported(_, let message):
+        throw ImageError.unsupported(path: descriptorPath, "extent file \(error.path): \(message)")
+      default:
+        throw ImageError.invalid(path: descriptorPath, "extent file \(error.path): \(error.description.dropFirst(error.path.count + 2))")
+      }
+    }
+  }
+
+  /// The parent a delta disk names: parentCID other than ffffffff and a parentFileNameHint.
+  private static func parent(of descriptor: VMDKDescriptor, path: String) throws -> BackingReference? {
+    let parentCID = descriptor.parentContentID ?? VMDKDescriptor.noParent
+    switch (parentCID == VMDKDescriptor.noParent, descriptor.parentFileNameHint) {
+    case (true, nil):
+      return nil
+    case (false, let hint?):
+      guard !hint.isEmpty else { throw ImageError.invalid(path: path, "the descriptor's parentFileNameHint is empty") }
+      return BackingReference(name: hint, format: "vmdk")
+    case (true, let hint?):
+      throw ImageError.invalid(
+        path: path, "the descriptor names a parent (\"\(hint.prefix(200))\") but its parentCID is ffffffff (no parent)")
+    case (false, nil):
+      throw ImageError.invalid(
+        path: path, "the descriptor's parentCID is \(hexCID(parentCID)) (a delta disk) but it names no parentFileNameHint")
+    }
+  }
+
+  static func hexCID(_ cid: UInt32) -> String {
+    let digits = String(cid, radix: 16)
+    return String(repeating: "0", count: 8 - digits.count) + digits
+  }
+
+  /// The parent must be the VMDK this delta disk was made from: its CID is the parentCID
+  /// recorded here. A parent written since has a new CID, and its disk is no longer the one
+  /// this delta's grains were written over.
+  public func checkBacking(_ parent: ImageReader) throws {
+    guard let parent = parent as? VMDKReader else {
+      throw ImageError.invalid(path: path, "the parent \(parent.path) is a \(parent.formatName) image, not a VMDK")
+    }
+    let expected = descriptor.parentContentID ?? VMDKDescriptor.noParent
+    let found = parent.descriptor.contentID ?? 0
+    guard found == expected else {
+      throw ImageError.invalid(
+        path: path,
+        "the parent \(parent.path) has CID \(Self.hexCID(found)), but this delta disk's parentCID is \(Self.hexCID(expected)): the parent changed after the delta was made, or is another disk")
+    }
+  }
+
+  /// `format-specific.data` as qemu-img 7.2 prints it, key for key.
   public var formatSpecific: [(String, InfoValue)] {
-    var extent: [(String, InfoValue)] = []
-    if layout.header.isCompressed { extent.append(("compressed", .bool(true))) }
-    extent += [
-      ("virtual-size", .integer(virtualSize)),
-      ("filename", .string(path)),
-      ("cluster-size", .integer(Int64(layout.grainBytes))),
-      ("format", .string("")),
-    ]
+    let entries: [InfoValue] = extents.map { extent in
+      var fields: [(String, InfoValue)] = []
+      switch extent.storage {
+      case .sparse(let reader):
+        if reader.layout.header.isCompressed { fields.append(("compressed", .bool(true))) }
+        fields += [
+          ("virtual-size", .integer(extent.length)),
+          ("filename", .string(reader.path)),
+          ("cluster-size", .integer(Int64(reader.layout.grainBytes))),
+          ("format", .string(isSingleFile ? "" : extent.line.type)),
+        ]
+      case .flat(let file, _):
+        fields += [
+          ("virtual-size", .integer(extent.length)), ("filename", .string(file.name)),
+          ("format", .string(extent.line.type)),
+        ]
+      case .zero:
+        fields += [("virtual-size", .integer(extent.length)), ("format", .string(extent.line.type))]
+      }
+      return .object(fields)
+    }
     return [
       ("cid", .integer(Int64(descriptor.contentID ?? 0))),
       ("parent-cid", .integer(Int64(descriptor.parentContentID ?? VMDKDescriptor.noParent))),
       ("create-type", .string(descriptor.createType ?? "")),
-      ("extents", .array([.object(extent)])),
+      ("extents", .array(entries)),
     ]
   }
 
-  // MARK: - The allocation map
+  // MARK: - Map and reads, by extent
 
+  /// The index of the extent holding virtual offset `offset` (inside the disk).
+  private func extentIndex(at offset: Int64) -> Int {
+    var low = 0
+    var high = extents.count - 1
+    while low < high {
+      let middle = (low + high + 1) / 2
+      if extents[middle].start <= offset { low = middle } else { high = middle - 1 }
+    }
+    return low
+  }
+
+  /// Runs `body` on extent `extent`, naming the descriptor in errors from its file.
+  private func inExtent<T>(_ extent: VMDKExtent, _ body: () throws -> T) throws -> T {
+    guard let file = extent.file, !isSingleFile else { return try body() }
+    return try Self.inExtentFile(file, of: path, body)
+  }
+
+  /// Answers from the one extent holding `range.lowerBound`: the work of one answer is that
+  /// of one extent's (itself bounded); callers loop over the rest.
   public func extents(in range: Range<Int64>) throws -> [Extent] {
     let range = range.clamped(to: 0..<virtualSize)
     guard !range.isEmpty else { return [] }
-    var result: [Extent] = []
-    try walk(range, tableLimit: Self.tablesPerAnswer) { pieceRange, piece in
-      switch piece {
-      case .unallocated: result.appendMerging(Extent(pieceRange, .unallocated))
-      case .zero: result.appendMerging(Extent(pieceRange, .zero))
-      case .data(let host): result.appendMerging(Extent(pieceRange, .data, hostOffset: host))
-      case .compressed: result.appendMerging(Extent(pieceRange, .data))
-      }
+    let extent = extents[extentIndex(at: range.lowerBound)]
+    let local = range.clamped(to: extent.range)
+    let answer = try inExtent(extent) {
+      try extent.extents(in: local.lowerBound - extent.start..<local.upperBound - extent.start)
     }
-    return result
-  }
-
-  /// What one stretch of the virtual disk maps to. A stretch never crosses a grain, except
-  /// a stretch of unallocated grain tables, which comes as one piece however long.
-  enum Piece {
-    case unallocated
-    /// A zeroed grain (entry 1 with flag 0x4).
-    case zero
-    /// Stored plainly at `host` (the host offset of the stretch's first byte).
-    case data(host: Int64)
-    /// Part of a compressed grain.
-    case compressed(CompressedGrain)
-  }
-
-  /// A compressed grain: where it starts in the virtual disk and in the file.
-  struct CompressedGrain {
-    var virtualOffset: Int64
-    var hostOffset: Int64
-    /// Bytes of the virtual disk the grain holds: one grain, or less for the last one.
-    var length: Int
-  }
-
-  /// Visits the pieces of `range` in order until it is covered or `tableLimit` grain tables
-  /// have been visited (at least one). Unallocated grain-directory entries cost no read.
-  private func walk(_ range: Range<Int64>, tableLimit: Int, _ visit: (Range<Int64>, Piece) throws -> Void) throws {
-    let grainBytes = Int64(layout.grainBytes)
-    let span = layout.tableSpan
-    var position = range.lowerBound
-    var tablesVisited = 0
-    while position < range.upperBound {
-      let directoryIndex = Int(position / span)
-      let spanEnd = min(range.upperBound, (Int64(directoryIndex) + 1) * span)
-      let tableSector = directory[directoryIndex]
-      guard tableSector != 0 else {
-        // Unallocated up to the next grain table, in one step however many lie between.
-        let lastIndex = Int((range.upperBound - 1) / span)
-        var next = directoryIndex + 1
-        while next <= lastIndex, directory[next] == 0 { next += 1 }
-        let end = min(range.upperBound, Int64(next) * span)
-        try visit(position..<end, .unallocated)
-        position = end
-        continue
-      }
-      if tablesVisited == tableLimit { return }
-      tablesVisited += 1
-      let table = try grainTable(directoryIndex: directoryIndex, sector: tableSector)
-      while position < spanEnd {
-        let grainStart = position / grainBytes * grainBytes
-        let grainEnd = min(spanEnd, grainStart + grainBytes)
-        let tableIndex = Int(position / grainBytes) % layout.entriesPerTable
-        let piece = try decode(
-          table[tableIndex], grainStart: grainStart, from: position, to: grainEnd, table: (directoryIndex, tableSector))
-        try visit(position..<grainEnd, piece)
-        position = grainEnd
-      }
+    return answer.map {
+      Extent($0.range.lowerBound + extent.start..<$0.range.upperBound + extent.start, $0.kind, hostOffset: $0.hostOffset)
     }
   }
-
-  /// The grain table a grain-directory entry points at, checked and cached.
-  private func grainTable(directoryIndex: Int, sector: UInt32) throws -> [UInt32] {
-    let offset = Int64(sector) * 512
-    let bytes = Int64(layout.entriesPerTable) * 4
-    let what = "grain table at sector \(sector) (grain directory entry \(directoryIndex))"
-    guard offset <= fileSize - bytes else {
-      throw ImageError.invalid(path: path, "\(what) is past the end of the file (size \(hex(fileSize)))")
-    }
-    try checkNotMetadata(offset..<offset + bytes, what)
-    return try tables.table(at: offset) {
-      var entries = [UInt32](repeating: 0, count: layout.entriesPerTable)
-      try entries.withUnsafeMutableBytes { try source.readExactly(into: $0, at: offset, what: what) }
-      for index in entries.indices { entries[index] = UInt32(littleEndian: entries[index]) }
-      return entries
-    }
-  }
-
-  private func checkNotMetadata(_ range: Range<Int64>, _ what: @autoclosure () -> String) throws {
-    for (metadata, name) in metadataRanges where metadata.overlaps(range) {
-      throw ImageError.invalid(
-        path: path, "\(what()) overlaps \(name) at \(hex(metadata.lowerBound))..\(hex(metadata.upperBound))")
-    }
-  }
-
-  /// What the grain-table entry of the grain at `grainStart` says about `start..<end`.
-  private func decode(
-    _ entry: UInt32, grainStart: Int64, from start: Int64, to end: Int64, table: (index: Int, sector: UInt32)
-  ) throws -> Piece {
-    func what() -> String {
-      "grain for virtual offset \(hex(grainStart)) at sector \(entry) (grain table at sector \(table.sector), grain directory entry \(table.index))"
-    }
-    switch entry {
-    case 0:
-      return .unallocated
-    case 1 where layout.header.honoursZeroedGrains:
-      return .zero
-    case 1:
-      throw ImageError.invalid(
-        path: path,
-        "the grain table entry for virtual offset \(hex(grainStart)) is 1 (a zeroed grain) but the header lacks the zeroed-grain flag 0x4")
-    default:
-      break
-    }
-    let host = Int64(entry) * 512
-    let grainLength = min(Int64(layout.grainBytes), virtualSize - grainStart)
-    let tableRange = Int64(table.sector) * 512..<Int64(table.sector) * 512 + Int64(layout.entriesPerTable) * 4
-    if layout.header.isCompressed {
-      // The marker (or bare stream) is checked when it is read; here only that it starts in
-      // the file, after the metadata at its start.
-      guard host < fileSize else {
-        throw ImageError.invalid(path: path, "\(what()) is past the end of the file (size \(hex(fileSize)))")
-      }
-      try checkNotMetadata(host..<host + 1, what())
-      guard !tableRange.contains(host) else { throw ImageError.invalid(path: path, "\(what()) lies in its own grain table") }
-      return .compressed(CompressedGrain(virtualOffset: grainStart, hostOffset: host, length: Int(grainLength)))
-    }
-    guard host <= fileSize - grainLength else {
-      throw ImageError.invalid(
-        path: path, "\(what()) (\(grainLength) bytes) is past the end of the file (size \(hex(fileSize)))")
-    }
-    let grainRange = host..<host + grainLength
-    try checkNotMetadata(grainRange, what())
-    guard !grainRange.overlaps(tableRange) else {
-      throw ImageError.invalid(path: path, "\(what()) overlaps its own grain table")
-    }
-    return .data(host: host + (start - grainStart))
-  }
-
-  // MARK: - Reading
 
   public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws {
     try checkInside(buffer.count, at: offset)
-    guard buffer.count > 0 else { return }
-    // Host-contiguous grains are gathered into one read.
-    var pending: (bufferStart: Int, host: Int64, length: Int)?
-    func flush() throws {
-      guard let run = pending else { return }
-      pending = nil
-      try source.readExactly(
-        into: UnsafeMutableRawBufferPointer(rebasing: buffer[run.bufferStart..<run.bufferStart + run.length]),
-        at: run.host, what: "data for virtual offset \(hex(offset + Int64(run.bufferStart)))")
-    }
-    var scratch: UnsafeMutableRawBufferPointer?
-    defer { scratch?.deallocate() }
-
-    try walk(offset..<offset + Int64(buffer.count), tableLimit: .max) { range, piece in
-      let start = Int(range.lowerBound - offset)
-      let target = UnsafeMutableRawBufferPointer(rebasing: buffer[start..<start + Int(range.count)])
-      switch piece {
-      case .unallocated, .zero:
-        target.initializeMemory(as: UInt8.self, repeating: 0)
-      case .data(let host):
-        if let run = pending, run.bufferStart + run.length == start, run.host + Int64(run.length) == host {
-          pending!.length += target.count
-        } else {
-          try flush()
-          pending = (start, host, target.count)
-        }
-      case .compressed(let grain):
-        if range.lowerBound == grain.virtualOffset, target.count == layout.grainBytes {
-          try inflate(grain, into: target)
-        } else {
-          if scratch == nil { scratch = .allocate(byteCount: layout.grainBytes, alignment: 16) }
-          try inflate(grain, into: scratch!)
-          let from = Int(range.lowerBound - grain.virtualOffset)
-          target.copyMemory(from: UnsafeRawBufferPointer(rebasing: scratch![from..<from + target.count]))
-        }
-      }
-    }
-    try flush()
-  }
-
-  /// Inflates one compressed grain into `output` (one grain long). A grain must inflate to
-  /// exactly one grain; the last grain of a disk whose capacity is not a grain multiple may
-  /// instead inflate to just the part inside the disk (qemu-img writes it so).
-  private func inflate(_ grain: CompressedGrain, into output: UnsafeMutableRawBufferPointer) throws {
-    let grainBytes = layout.grainBytes
-    let grainSector = UInt64(grain.virtualOffset / 512)
-    func what() -> String {
-      "compressed grain for virtual offset \(hex(grain.virtualOffset)) at \(hex(grain.hostOffset))"
-    }
-    // A deflate stream of one grain is never near twice its size.
-    let maximumStored = 2 * grainBytes
-    var dataStart = grain.hostOffset
-    var dataLength = Int(min(Int64(maximumStored), fileSize - grain.hostOffset))
-    if layout.header.hasMarkers {
-      let marker = try source.readBytes(count: 12, at: grain.hostOffset, what: "the marker of the \(what())")
-      let le = LittleEndianReader(marker)
-      let lba = le.uint64(at: 0)!
-      let size = le.uint32(at: 8)!
-      guard lba == grainSector else {
-        throw ImageError.invalid(
-          path: path, "the \(what()) has a marker for sector \(lba), expected \(grainSector): the grain tables are damaged")
-      }
-      guard size > 0, Int(size) <= maximumStored else {
-        throw ImageError.invalid(
-          path: path, "the \(what()) claims \(size) compressed bytes, expected 1 to \(maximumStored)")
-      }
-      dataStart += 12
-      guard Int64(size) <= fileSize - dataStart else {
-        throw ImageError.invalid(
-          path: path, "the \(what()) (\(size) bytes) runs past the end of the file (size \(hex(fileSize)))")
-      }
-      dataLength = Int(size)
-      try checkNotMetadata(grain.hostOffset..<dataStart + Int64(size), "the \(what())")
-    }
-    let input = try source.readBytes(count: dataLength, at: dataStart, what: "the \(what())")
-    let produced: Int
-    do {
-      produced = try inflaters.withInflater { inflater in
-        try input.withUnsafeBytes { try inflater.inflate($0, into: output) }
-      }
-    } catch let error as CompressionError {
-      throw ImageError.invalid(path: path, "the \(what()) does not inflate: \(error)")
-    }
-    guard produced == grainBytes || produced == grain.length else {
-      throw ImageError.invalid(
-        path: path, "the \(what()) inflates to \(produced) bytes, expected \(grain.length)")
+    var done = 0
+    while done < buffer.count {
+      let position = offset + Int64(done)
+      let extent = extents[extentIndex(at: position)]
+      let count = Int(min(Int64(buffer.count - done), extent.range.upperBound - position))
+      let piece = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<done + count])
+      try inExtent(extent) { try extent.read(into: piece, at: position - extent.start) }
+      done += count
     }
   }
 }

@@ -28,8 +28,9 @@ final class ProbeTests: QemuTestCase {
     // qemu-img itself probes a fixed VHD as raw: only its footer, at the end, tells.
     try make("fixed.vhd", ["create", "-q", "-f", "vpc", "-o", "subformat=fixed"], format: "vpc", phrase: "a fixed VHD image")
     try make("sparse.vmdk", ["create", "-q", "-f", "vmdk"], format: "vmdk", phrase: "a VMDK image")
+    // A descriptor file with its extent beside it is a VMDK of its own.
     try make(
-      "descriptor.vmdk", ["create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat"], format: nil,
+      "descriptor.vmdk", ["create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat"], format: "vmdk",
       phrase: "a VMDK descriptor")
 
     // What a download leaves: compressed files and archives of a raw disk.

@@ -163,16 +163,6 @@ final class GeneratedVMDKTests: QemuTestCase {
     text.split(separator: "\n").filter { !$0.contains("\"actual-size\"") }.joined(separator: "\n")
   }
 
-  func testDeltaDiskIsRefused() throws {
-    _ = try makeSparse("base.vmdk", size: "4M", writes: ["write -P 0xa1 0 64k"])
-    try qemuImgOK("create", "-q", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk", path("child.vmdk"))
-    assertImageError("VMDK delta disks are not read yet") { _ = try openVMDK(path("child.vmdk")) }
-    let outcome = try lacuna(["convert", "-O", "raw", path("child.vmdk"), path("child.raw")])
-    XCTAssertEqual(outcome.status, 1)
-    XCTAssertTrue(outcome.stderr.contains("child.vmdk"), outcome.stderr)
-    XCTAssertTrue(outcome.stderr.contains("delta"), outcome.stderr)
-  }
-
   /// `vmdkinfo` (libvmdk) as a second opinion on the sizes, where it is installed.
   func testVmdkinfoAgreesOnSizes() throws {
     let vmdkinfo = try requireProgram(
@@ -190,7 +180,10 @@ final class GeneratedVMDKTests: QemuTestCase {
         return XCTFail("no cid in format-specific")
       }
       let identifier = lines.first { $0.hasPrefix("Content identifier:") } ?? ""
-      XCTAssertTrue(identifier.hasSuffix("0x" + String(cid, radix: 16)), "vmdkinfo says:\n\(outcome.stdout)")
+      // vmdkinfo prints all 8 digits (0x01e94b68).
+      let digits = String(cid, radix: 16)
+      let padded = String(repeating: "0", count: max(0, 8 - digits.count)) + digits
+      XCTAssertTrue(identifier.hasSuffix("0x" + padded), "vmdkinfo says:\n\(outcome.stdout)")
     }
   }
 }

@@ -55,6 +55,26 @@ final class VMDKCorpusTests: XCTestCase {
     }
   }
 
+  /// A real twoGbMaxExtentSparse pair (a hardware-version-18 tool's): the descriptor file
+  /// and its one extent, which has no embedded descriptor, read as qemu-img reads them.
+  func testSplitSparsePairAgreesWithQemu() throws {
+    _ = try unpack("bwlehrpool/image_t1-s001.vmdk")
+    let image = try unpack("bwlehrpool/image_t1.vmdk")
+    let reader = try openVMDKWithExtents(image)
+    XCTAssertEqual(reader.virtualSize, 20480 * 512)
+    XCTAssertEqual(reader.companionSources.map(\.name), [directory.appendingPathComponent("image_t1-s001.vmdk").path])
+    let raw = image + ".raw"
+    try QemuJudge.run("qemu-img", ["convert", "-f", "vmdk", "-O", "raw", image, raw])
+    try assertSameContent(reader, rawPath: raw, "image_t1.vmdk")
+    XCTAssertEqual(mapEntries(try reader.allExtents(in: 0..<reader.virtualSize)), try QemuJudge.map(of: image))
+    let output = image + ".out.raw"
+    let outcome = try lacuna(["convert", "-O", "raw", image, output])
+    XCTAssertEqual(outcome.status, 0, outcome.stderr)
+    XCTAssertTrue(try Data(contentsOf: URL(fileURLWithPath: output)) == Data(contentsOf: URL(fileURLWithPath: raw)))
+    let info = try lacuna(["info", "--output=json", image])
+    XCTAssertTrue(info.stdout.contains("\"create-type\": \"twoGbMaxExtentSparse\""), info.stdout)
+  }
+
   /// One extent of a split disk has no descriptor of its own: the error says to open the
   /// descriptor instead.
   func testSplitExtentIsRefusedByName() throws {

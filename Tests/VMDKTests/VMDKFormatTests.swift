@@ -6,10 +6,13 @@ import XCTest
 
 /// The probe, the descriptor parser and the table cache, without qemu.
 final class VMDKFormatTests: XCTestCase {
-  func testProbeTakesTheSparseMagicOnly() {
+  func testProbeTakesTheSparseMagicAndDescriptorFiles() {
     XCTAssertEqual(VMDK.format.name, "vmdk")
     XCTAssertTrue(VMDK.format.probe(Array("KDMV".utf8) + [1, 0, 0, 0]))
-    XCTAssertFalse(VMDK.format.probe(Array("# Disk DescriptorFile".utf8)))
+    XCTAssertTrue(VMDK.format.probe(Array("# Disk DescriptorFile".utf8)))
+    XCTAssertTrue(VMDK.format.probe(Array("\r\n\n  # Disk DescriptorFile\nversion=1\n".utf8)))
+    XCTAssertFalse(VMDK.format.probe(Array("version=1\n# Disk DescriptorFile".utf8)))
+    XCTAssertFalse(VMDK.format.probe(Array("# Disk Descriptor".utf8)))
     XCTAssertFalse(VMDK.format.probe(Array("COWD".utf8)))
     XCTAssertFalse(VMDK.format.probe(Array("KDM".utf8)))
   }
@@ -35,6 +38,13 @@ final class VMDKFormatTests: XCTestCase {
     XCTAssertNil(descriptor.parentFileNameHint)
     XCTAssertEqual(
       descriptor.extents, [.init(access: "RW", sectors: 20480, type: "SPARSE", fileName: "my disk.vmdk")])
+    let flat = try VMDKDescriptor.parse(Array("RW 8 FLAT \"a b-flat.vmdk\" 16\nRDONLY 4 ZERO\n".utf8), path: "d.vmdk")
+    XCTAssertEqual(
+      flat.extents,
+      [
+        .init(access: "RW", sectors: 8, type: "FLAT", fileName: "a b-flat.vmdk", offset: 16),
+        .init(access: "RDONLY", sectors: 4, type: "ZERO", fileName: nil),
+      ])
   }
 
   func testDescriptorDamageIsNamed() {
@@ -46,6 +56,15 @@ final class VMDKFormatTests: XCTestCase {
     }
     assertImageError("no closing quote") {
       _ = try VMDKDescriptor.parse(Array("RW 12 SPARSE \"a\n".utf8), path: "d.vmdk")
+    }
+    assertImageError("offset 'x' is not a number") {
+      _ = try VMDKDescriptor.parse(Array("RW 12 FLAT \"a\" x\n".utf8), path: "d.vmdk")
+    }
+    assertImageError("more than 1024 extents") {
+      _ = try VMDKDescriptor.parse(Array(String(repeating: "RW 1 ZERO\n", count: 1025).utf8), path: "d.vmdk")
+    }
+    assertImageError("more than 10000") {
+      _ = try VMDKDescriptor.parse(Array(String(repeating: "#\n", count: 10_001).utf8), path: "d.vmdk")
     }
   }
 

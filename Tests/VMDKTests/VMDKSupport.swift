@@ -40,8 +40,10 @@ enum QemuJudge {
   }
 
   /// qemu-img's map, with data over host-file holes counted as data: qemu also asks the
-  /// file system, we answer for the format only.
-  static func map(of path: String) throws -> [MapEntry] {
+  /// file system, we answer for the format only. `holesAsZero`: for flat extents, which
+  /// answer from their file's holes as a raw file does, a hole qemu calls data and zero
+  /// ("data": true, "zero": true) is counted as zero.
+  static func map(of path: String, holesAsZero: Bool = false) throws -> [MapEntry] {
     let text = try run("qemu-img", ["map", "-f", "vmdk", "--output=json", path])
     let json = try JSONSerialization.jsonObject(with: Data(text.utf8)) as! [[String: Any]]
     var result: [MapEntry] = []
@@ -50,6 +52,7 @@ enum QemuJudge {
         start: (object["start"] as! NSNumber).int64Value, length: (object["length"] as! NSNumber).int64Value,
         present: object["present"] as! Bool, zero: object["zero"] as! Bool, data: object["data"] as! Bool,
         offset: (object["offset"] as? NSNumber)?.int64Value)
+      if holesAsZero, entry.data, entry.zero { entry.data = false }
       if entry.data { entry.zero = false }
       if var last = result.last, last.present == entry.present, last.zero == entry.zero, last.data == entry.data,
         last.start + last.length == entry.start,
@@ -226,4 +229,20 @@ extension QemuTestCase {
     XCTAssertEqual(outcome.status, 0, outcome.stderr, file: file, line: line)
     XCTAssertFalse(outcome.stdout.contains("error"), outcome.stdout, file: file, line: line)
   }
+}
+
+/// Opens extent files beside the descriptor, as the Resolver does for trusted images (its
+/// refusals are tested through the binary): enough to read a descriptor's disk in a test.
+struct BesideTheDescriptor: CompanionOpener {
+  func openCompanion(_ name: String, heldBy referrer: ByteSource, what: String) throws -> ByteSource {
+    let directory = URL(fileURLWithPath: referrer.name).deletingLastPathComponent()
+    return try ImageFile.openForReading(name.hasPrefix("/") ? name : directory.appendingPathComponent(name).path)
+  }
+
+  func checkMaySearch(heldBy referrer: ByteSource, for what: String) throws {}
+}
+
+/// Opens a VMDK of any kind, its extent files beside it.
+func openVMDKWithExtents(_ path: String) throws -> ImageReader {
+  try VMDK.format.open(ImageFile.openForReading(path), companions: BesideTheDescriptor())
 }
