@@ -34,6 +34,33 @@ final class ChainTests: QemuTestCase {
     XCTAssertLessThanOrEqual(allocatedBytes(path("ours.raw")), allocatedBytes(path("theirs.raw")))
   }
 
+  /// Chains across formats: a qcow2 overlay on a base of each format lacuna reads (made by
+  /// qemu-img, filled with qemu-io), converted to raw and to qcow2 through the binary and
+  /// judged by qemu-img; the overlay's zero clusters stay holes over the base's data.
+  func testQcow2OverlaysOnEveryReadFormat() throws {
+    for (format, options) in [("vmdk", [String]()), ("vmdk", ["-o", "subformat=streamOptimized"]), ("vpc", []), ("vhdx", []), ("vdi", [])] {
+      let base = "base-\(options.isEmpty ? format : "stream").\(format)"
+      var seed = Data(count: 8 << 20)
+      seed.replaceSubrange(0..<(1 << 20), with: Data(repeating: 0x41, count: 1 << 20))
+      seed.replaceSubrange((5 << 20)..<((5 << 20) + (512 << 10)), with: Data(repeating: 0x42, count: 512 << 10))
+      try seed.write(to: URL(fileURLWithPath: path("seed.raw")))
+      let made = try runProgram(qemu, ["convert", "-f", "raw", "-O", format] + options + ["seed.raw", base], in: dir)
+      XCTAssertEqual(made.status, 0, made.stderr)
+      let top = "over-\(base).qcow2"
+      try qemuImgOK("create", "-q", "-f", "qcow2", "-b", base, "-F", format, top, "8M")
+      try qemuIO(top, "write -P 0x43 512k 64k", "write -z 5M 128k")
+      try qemuImgOK("convert", "-O", "raw", top, "theirs.raw")
+      let outcome = try lacuna("convert", "-O", "raw", path(top), path("ours.raw"))
+      XCTAssertEqual(outcome.status, 0, "\(base): \(outcome.stderr)")
+      XCTAssertTrue(try sameContent(path("ours.raw"), path("theirs.raw")), "\(base): bytes differ from qemu-img's")
+      XCTAssertFalse(dataRanges(path("ours.raw")).contains { $0.overlaps((5 << 20)..<((5 << 20) + (128 << 10))) }, base)
+      let flat = try lacuna("convert", "-O", "qcow2", path(top), path("flat.qcow2"))
+      XCTAssertEqual(flat.status, 0, "\(base): \(flat.stderr)")
+      XCTAssertTrue(try qemuImgOK("compare", "-f", "raw", "-F", "qcow2", "theirs.raw", "flat.qcow2").contains("identical"), base)
+      for name in ["ours.raw", "theirs.raw", "flat.qcow2"] { try FileManager.default.removeItem(atPath: path(name)) }
+    }
+  }
+
   func testChainMapMatchesQemuImg() throws {
     let top = try makeThreeLayers()
     let ours = try lacuna("map", "--output=json", path(top), in: dir)
