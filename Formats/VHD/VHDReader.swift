@@ -200,6 +200,16 @@ public final class VHDReader: ImageReader {
           "VHD block \(block) (virtual offset \(hex(virtualStart))) at \(hex(start)) overlaps \(name) at \(hex(range.lowerBound))..\(hex(range.upperBound))")
       }
     }
+    // Two blocks sharing storage would read each other's sectors: damage, never guessed at.
+    var allocated = table.filter { $0 != unallocatedEntry }
+    allocated.sort()
+    for (lower, upper) in zip(allocated, allocated.dropFirst()) where Int64(upper - lower) * 512 < bitmapSize + blockSize {
+      let first = table.firstIndex(of: lower)!
+      let second = table.indices.first { table[$0] == upper && $0 != first }!
+      throw ImageError.invalid(
+        path: path,
+        "VHD blocks \(min(first, second)) and \(max(first, second)) overlap at \(hex(Int64(upper) * 512)) (each needs \(bitmapSize + blockSize) bytes)")
+    }
     let layout = SparseLayout(
       blockSize: blockSize, bitmapSize: bitmapSize, table: table,
       absentKind: footer.diskType == .differencing ? .unallocated : .zero)

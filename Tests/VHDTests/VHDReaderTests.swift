@@ -187,6 +187,11 @@ final class VHDReaderTests: XCTestCase {
       ("overlaps the dynamic header", damaged { bytes, _ in BigEndianWriter.store(UInt32(2), at: 1536, in: &bytes) }),
       ("overlaps the block allocation table", damaged { bytes, _ in BigEndianWriter.store(UInt32(3), at: 1536, in: &bytes) }),
       ("overlaps the footer copy", damaged { bytes, _ in BigEndianWriter.store(UInt32(0), at: 1536, in: &bytes) }),
+      // Every allocated entry made to point at the first allocated block's storage.
+      ("overlap at", damaged { bytes, _ in
+        let entries = (0..<5).map { 1536 + 4 * $0 }.filter { bytes[$0..<$0 + 4] != [0xff, 0xff, 0xff, 0xff] }
+        for entry in entries.dropFirst() { bytes.replaceSubrange(entry..<entry + 4, with: bytes[entries[0]..<entries[0] + 4]) }
+      }),
       ("past the end of the file", damaged { bytes, _ in bytes.removeLast(600_000) }),
     ]
     for (expected, bytes) in cases {
