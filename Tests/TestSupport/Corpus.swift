@@ -6,14 +6,26 @@ import XCTest
 /// from. Tests unpack what they need into their temporary folder; nothing of it is copied
 /// into the repository.
 public func corpusDirectory() throws -> URL {
-  let directory =
-    ProcessInfo.processInfo.environment["LACUNA_CORPUS"].map { URL(fileURLWithPath: $0) }
-    ?? fixturesDirectory.deletingLastPathComponent().deletingLastPathComponent()
-    .appendingPathComponent("shared").appendingPathComponent("corpus")
-  guard FileManager.default.fileExists(atPath: directory.appendingPathComponent("MANIFEST.md").path) else {
-    throw XCTSkip("the image corpus is not at \(directory.path) (set LACUNA_CORPUS); skipping the real-image checks")
+  guard let directory = corpusRoot() else {
+    throw XCTSkip(
+      "the image corpus is not at \(corpusCandidates.map(\.path).joined(separator: " or ")) (set LACUNA_CORPUS); skipping the real-image checks")
   }
   return directory
+}
+
+/// Where the corpus may be: `LACUNA_CORPUS`, `../shared/corpus` beside the repository (a
+/// checkout in the workplace), or the workplace's own `/work/shared/corpus` (a clone made
+/// elsewhere, as CI makes).
+private let corpusCandidates: [URL] =
+  (ProcessInfo.processInfo.environment["LACUNA_CORPUS"].map { [URL(fileURLWithPath: $0)] } ?? []) + [
+    fixturesDirectory.deletingLastPathComponent().deletingLastPathComponent()
+      .appendingPathComponent("shared").appendingPathComponent("corpus"),
+    URL(fileURLWithPath: "/work/shared/corpus"),
+  ]
+
+/// The first place that holds the corpus (its MANIFEST.md), or nil.
+public func corpusRoot() -> URL? {
+  corpusCandidates.first { FileManager.default.fileExists(atPath: $0.appendingPathComponent("MANIFEST.md").path) }
 }
 
 /// Every stored file of the corpus, as paths relative to it ("dfvfs/ext2.vhd.xz").

@@ -8,7 +8,7 @@ import XCTest
 /// test's directory: what qemu-img reads must agree with us; the VirtualBox snapshot, which
 /// qemu-img refuses, reads through its parent.
 final class CorpusTests: XCTestCase {
-  static let corpus = "/work/shared/corpus"
+  static let corpus = corpusRoot()?.path ?? "/work/shared/corpus"
 
   /// Every `.vdi.xz` of the corpus, unpacked into `directory`; skips when there is none.
   private func unpackCorpus(into directory: URL) throws -> [String] {

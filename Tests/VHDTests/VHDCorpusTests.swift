@@ -8,10 +8,7 @@ import XCTest
 /// test's directory at test time and judged by qemu-img. Skips when the corpus is absent.
 final class VHDCorpusTests: QemuTestCase {
   /// The shared corpus: `LACUNA_CORPUS`, or `../shared/corpus` beside the repository.
-  static let corpus: URL =
-    ProcessInfo.processInfo.environment["LACUNA_CORPUS"].map { URL(fileURLWithPath: $0) }
-    ?? fixturesDirectory.deletingLastPathComponent().deletingLastPathComponent()
-    .appendingPathComponent("shared/corpus")
+  static let corpus: URL = corpusRoot() ?? URL(fileURLWithPath: "/work/shared/corpus")
 
   /// Unpacks `corpus/name.xz` into the test's directory; skips when it is not there.
   private func unpack(_ name: String) throws -> String {

@@ -52,7 +52,7 @@ extension QemuTestCase {
 
   /// Unpacks a corpus image sparsely into the test's folder, or skips when the corpus is absent.
   func corpusImage(_ name: String) throws -> String {
-    let packed = "/work/shared/corpus/discutils/\(name).vhdx.gz"
+    let packed = (corpusRoot()?.path ?? "/work/shared/corpus") + "/discutils/\(name).vhdx.gz"
     guard FileManager.default.fileExists(atPath: packed) else {
       throw XCTSkip("the shared corpus (/work/shared/corpus) is not here; skipping \(name)")
     }

@@ -7,8 +7,7 @@ import XCTest
 /// Real VMDKs made by VMware and other tools (../shared/corpus, stored .xz): each is
 /// unpacked into a temporary folder and judged by qemu-img. Skips where the corpus is absent.
 final class VMDKCorpusTests: XCTestCase {
-  static let corpus: URL = fixturesDirectory.deletingLastPathComponent().deletingLastPathComponent()
-    .appendingPathComponent("shared/corpus")
+  static let corpus: URL = corpusRoot() ?? URL(fileURLWithPath: "/work/shared/corpus")
 
   /// Single-file sparse and streamOptimized disks qemu-img reads.
   static let readable = [
