@@ -26,9 +26,7 @@ final class L1Table: @unchecked Sendable {
     var nonZero: [Int32]
   }
 
-  private let lock = Lock()
-  private var windows: [Int: (window: Window, lastUse: UInt64)] = [:]
-  private var clock: UInt64 = 0
+  private let windows = BoundedCache<Int, Window>(capacity: L1Table.windowLimit)
 
   init(source: ByteSource, offset: Int64, count: Int) {
     self.source = source
@@ -37,7 +35,7 @@ final class L1Table: @unchecked Sendable {
   }
 
   /// Windows held now (for tests of the bound).
-  var windowsHeld: Int { lock.withLock { windows.count } }
+  var windowsHeld: Int { windows.count }
 
   /// The entry at `index` (zero past the end of the table).
   func entry(_ index: Int) throws -> UInt64 {
@@ -89,29 +87,10 @@ final class L1Table: @unchecked Sendable {
     return nil
   }
 
-  private func isCached(_ windowIndex: Int) -> Bool {
-    lock.withLock { windows[windowIndex] != nil }
-  }
+  private func isCached(_ windowIndex: Int) -> Bool { windows.contains(windowIndex) }
 
   private func window(_ windowIndex: Int) throws -> Window {
-    let cached: Window? = lock.withLock {
-      clock += 1
-      guard let hit = windows[windowIndex] else { return nil }
-      windows[windowIndex]!.lastUse = clock
-      return hit.window
-    }
-    if let cached { return cached }
-    let window = try load(windowIndex)
-    lock.withLock {
-      clock += 1
-      if windows[windowIndex] == nil, windows.count >= Self.windowLimit,
-        let oldest = windows.min(by: { $0.value.lastUse < $1.value.lastUse })?.key
-      {
-        windows[oldest] = nil
-      }
-      windows[windowIndex] = (window, clock)
-    }
-    return window
+    try windows.value(for: windowIndex) { try load(windowIndex) }
   }
 
   /// Reads one window; the header checked that the whole table lies inside the file.

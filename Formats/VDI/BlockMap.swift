@@ -24,9 +24,7 @@ final class BlockMap: @unchecked Sendable {
 
   let source: ByteSource
   let header: VDIHeader
-  private let lock = Lock()
-  private var windows: [Int64: (entries: [UInt32], lastUse: UInt64)] = [:]
-  private var clock: UInt64 = 0
+  private let windows = BoundedCache<Int64, [UInt32]>(capacity: BlockMap.windowsKept)
 
   /// Reads the whole map once and refuses it when an entry is not free, zero, or an
   /// allocated block that lies in the file, or when two entries share a block.
@@ -58,25 +56,11 @@ final class BlockMap: @unchecked Sendable {
 
   /// The decoded entries of window `windowIndex`, from the cache or the file.
   private func window(_ windowIndex: Int64) throws -> [UInt32] {
-    if let entries = lock.withLock({ () -> [UInt32]? in
-      clock += 1
-      guard windows[windowIndex] != nil else { return nil }
-      windows[windowIndex]!.lastUse = clock
-      return windows[windowIndex]!.entries
-    }) {
-      return entries
+    try windows.value(for: windowIndex) {
+      let first = windowIndex * Int64(Self.entriesPerWindow)
+      let count = Int(min(Int64(Self.entriesPerWindow), header.blockCount - first))
+      return try readEntries(first: first, count: count)
     }
-    let first = windowIndex * Int64(Self.entriesPerWindow)
-    let count = Int(min(Int64(Self.entriesPerWindow), header.blockCount - first))
-    let entries = try readEntries(first: first, count: count)
-    lock.withLock {
-      clock += 1
-      if windows.count >= Self.windowsKept, let oldest = windows.min(by: { $0.value.lastUse < $1.value.lastUse }) {
-        windows[oldest.key] = nil
-      }
-      windows[windowIndex] = (entries, clock)
-    }
-    return entries
   }
 
   private func readEntries(first: Int64, count: Int) throws -> [UInt32] {

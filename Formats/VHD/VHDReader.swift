@@ -337,36 +337,15 @@ public final class VHDReader: ImageReader {
   }
 }
 
-/// Sector bitmaps by block index, least recently used evicted first. Bitmaps are loaded
-/// outside the lock: two threads may load one at once, which costs a read, never a wrong
-/// answer.
+/// Sector bitmaps by block index: a BoundedCache.
 final class BitmapCache: @unchecked Sendable {
-  private let lock = Lock()
-  private var bitmaps: [Int: (bytes: [UInt8], lastUse: UInt64)] = [:]
-  private var clock: UInt64 = 0
-  let capacity: Int
+  private let cache: BoundedCache<Int, [UInt8]>
+  var capacity: Int { cache.capacity }
 
-  init(capacity: Int) { self.capacity = capacity }
+  init(capacity: Int) { cache = BoundedCache(capacity: capacity) }
 
   func bitmap(block: Int, load: () throws -> [UInt8]) rethrows -> [UInt8] {
-    let cached: [UInt8]? = lock.withLock {
-      clock += 1
-      guard let hit = bitmaps[block] else { return nil }
-      bitmaps[block]!.lastUse = clock
-      return hit.bytes
-    }
-    if let cached { return cached }
-    let bytes = try load()
-    lock.withLock {
-      clock += 1
-      if bitmaps[block] == nil, bitmaps.count >= capacity,
-        let oldest = bitmaps.min(by: { $0.value.lastUse < $1.value.lastUse })?.key
-      {
-        bitmaps[oldest] = nil
-      }
-      bitmaps[block] = (bytes, clock)
-    }
-    return bytes
+    try cache.value(for: block, load: load)
   }
 }
 
