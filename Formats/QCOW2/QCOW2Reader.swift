@@ -327,14 +327,7 @@ public final class QCOW2Reader: ImageReader {
     try checkInside(buffer.count, at: offset)
     guard buffer.count > 0 else { return }
     // Host-contiguous data is gathered into one read, whatever the cluster size.
-    var pending: (bufferStart: Int, host: Int64, length: Int)?
-    func flush() throws {
-      guard let run = pending else { return }
-      pending = nil
-      try source.readExactly(
-        into: UnsafeMutableRawBufferPointer(rebasing: buffer[run.bufferStart..<run.bufferStart + run.length]),
-        at: run.host, what: "data for virtual offset \(hex(offset + Int64(run.bufferStart)))")
-    }
+    var reads = GatheredReads(from: source, into: buffer, at: offset)
     var scratch: UnsafeMutableRawBufferPointer?
     defer { scratch?.deallocate() }
 
@@ -345,12 +338,7 @@ public final class QCOW2Reader: ImageReader {
       case .unallocated, .zero:
         target.initializeMemory(as: UInt8.self, repeating: 0)
       case .data(let host):
-        if let run = pending, run.bufferStart + run.length == start, run.host + Int64(run.length) == host {
-          pending!.length += target.count
-        } else {
-          try flush()
-          pending = (start, host, target.count)
-        }
+        try reads.add(bufferStart: start, host: host, length: target.count)
       case .compressed(let cluster):
         if range.lowerBound == cluster.virtualOffset && target.count == header.clusterSize {
           try decompress(cluster, into: target)
@@ -364,7 +352,7 @@ public final class QCOW2Reader: ImageReader {
         }
       }
     }
-    try flush()
+    try reads.flush()
   }
 
   /// Decompresses one cluster into `output` (one cluster long). The stored length may run

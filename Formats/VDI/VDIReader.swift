@@ -110,31 +110,18 @@ public final class VDIReader: ImageReader {
   public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws {
     try checkInside(buffer.count, at: offset)
     // Neighbouring blocks stored one after the other in the file become one read.
-    var pending: (host: Int64, start: Int, count: Int)?
-    func flush() throws {
-      guard let run = pending else { return }
-      pending = nil
-      try source.readExactly(
-        into: UnsafeMutableRawBufferPointer(rebasing: buffer[run.start..<run.start + run.count]), at: run.host,
-        what: "data for virtual offset \(hex(offset + Int64(run.start)))")
-    }
+    var reads = GatheredReads(from: source, into: buffer, at: offset)
     try walk(offset..<offset + Int64(buffer.count), blockLimit: .max) { pieceRange, piece in
       let start = Int(pieceRange.lowerBound - offset)
       let count = Int(pieceRange.upperBound - pieceRange.lowerBound)
       switch piece {
       case .data(let host):
-        if let run = pending, run.host + Int64(run.count) == host, run.start + run.count == start {
-          pending!.count += count
-        } else {
-          try flush()
-          pending = (host, start, count)
-        }
+        try reads.add(bufferStart: start, host: host, length: count)
       case .zero, .unallocated:
-        try flush()
         UnsafeMutableRawBufferPointer(rebasing: buffer[start..<start + count]).initializeMemory(
           as: UInt8.self, repeating: 0)
       }
     }
-    try flush()
+    try reads.flush()
   }
 }

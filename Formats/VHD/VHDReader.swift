@@ -311,14 +311,7 @@ public final class VHDReader: ImageReader {
       return try source.readExactly(into: buffer, at: offset, what: "fixed VHD data")
     }
     // Host-contiguous sectors are gathered into one read.
-    var pending: (bufferStart: Int, host: Int64, length: Int)?
-    func flush() throws {
-      guard let run = pending else { return }
-      pending = nil
-      try source.readExactly(
-        into: UnsafeMutableRawBufferPointer(rebasing: buffer[run.bufferStart..<run.bufferStart + run.length]),
-        at: run.host, what: "VHD data for virtual offset \(hex(offset + Int64(run.bufferStart)))")
-    }
+    var reads = GatheredReads(from: source, into: buffer, at: offset, what: "VHD data")
     try walk(offset..<offset + Int64(buffer.count), sparse, allocatedBlockLimit: .max) { range, host in
       let start = Int(range.lowerBound - offset)
       let count = Int(range.count)
@@ -326,14 +319,9 @@ public final class VHDReader: ImageReader {
         UnsafeMutableRawBufferPointer(rebasing: buffer[start..<start + count]).initializeMemory(as: UInt8.self, repeating: 0)
         return
       }
-      if let run = pending, run.bufferStart + run.length == start, run.host + Int64(run.length) == host {
-        pending!.length += count
-      } else {
-        try flush()
-        pending = (start, host, count)
-      }
+      try reads.add(bufferStart: start, host: host, length: count)
     }
-    try flush()
+    try reads.flush()
   }
 }
 

@@ -348,14 +348,7 @@ public final class VHDXReader: ImageReader {
     try checkInside(buffer.count, at: offset)
     guard buffer.count > 0 else { return }
     // Host-contiguous data is gathered into one read.
-    var pending: (bufferStart: Int, host: Int64, length: Int)?
-    func flush() throws {
-      guard let run = pending else { return }
-      pending = nil
-      try store.readExactly(
-        into: UnsafeMutableRawBufferPointer(rebasing: buffer[run.bufferStart..<run.bufferStart + run.length]),
-        at: run.host, what: "data for virtual offset \(hex(offset + Int64(run.bufferStart)))")
-    }
+    var reads = GatheredReads(from: store, into: buffer, at: offset)
     try walk(offset..<offset + Int64(buffer.count), entryLimit: .max, bitmapLimit: .max) { range, piece in
       let start = Int(range.lowerBound - offset)
       let target = UnsafeMutableRawBufferPointer(rebasing: buffer[start..<start + Int(range.count)])
@@ -363,14 +356,9 @@ public final class VHDXReader: ImageReader {
       case .unallocated, .zero:
         target.initializeMemory(as: UInt8.self, repeating: 0)
       case .data(let host):
-        if let run = pending, run.bufferStart + run.length == start, run.host + Int64(run.length) == host {
-          pending!.length += target.count
-        } else {
-          try flush()
-          pending = (start, host, target.count)
-        }
+        try reads.add(bufferStart: start, host: host, length: target.count)
       }
     }
-    try flush()
+    try reads.flush()
   }
 }

@@ -223,14 +223,7 @@ final class SparseExtentReader: ImageReader {
     try checkInside(buffer.count, at: offset)
     guard buffer.count > 0 else { return }
     // Host-contiguous grains are gathered into one read.
-    var pending: (bufferStart: Int, host: Int64, length: Int)?
-    func flush() throws {
-      guard let run = pending else { return }
-      pending = nil
-      try source.readExactly(
-        into: UnsafeMutableRawBufferPointer(rebasing: buffer[run.bufferStart..<run.bufferStart + run.length]),
-        at: run.host, what: "data for virtual offset \(hex(offset + Int64(run.bufferStart)))")
-    }
+    var reads = GatheredReads(from: source, into: buffer, at: offset)
     var scratch: UnsafeMutableRawBufferPointer?
     defer { scratch?.deallocate() }
 
@@ -241,12 +234,7 @@ final class SparseExtentReader: ImageReader {
       case .unallocated, .zero:
         target.initializeMemory(as: UInt8.self, repeating: 0)
       case .data(let host):
-        if let run = pending, run.bufferStart + run.length == start, run.host + Int64(run.length) == host {
-          pending!.length += target.count
-        } else {
-          try flush()
-          pending = (start, host, target.count)
-        }
+        try reads.add(bufferStart: start, host: host, length: target.count)
       case .compressed(let grain):
         if range.lowerBound == grain.virtualOffset, target.count == layout.grainBytes {
           try inflate(grain, into: target)
@@ -258,7 +246,7 @@ final class SparseExtentReader: ImageReader {
         }
       }
     }
-    try flush()
+    try reads.flush()
   }
 
   /// Inflates one compressed grain into `output` (one grain long). A grain must inflate to
