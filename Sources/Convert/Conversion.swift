@@ -83,6 +83,7 @@ public final class Conversion {
         let base = try resolver.openChain(
           Resolver.path(of: backing, heldBy: request.destination), format: request.backingFormat)
         writerOptions.backing = BackingReference(name: backing, format: request.backingFormat ?? base.top.formatName)
+        writerOptions.backingImage = base.top
         let baseIdentity = try base.top.source.identity()
         if let baseIdentity, let depth = try chain.layers.firstIndex(where: { try $0.source.identity() == baseIdentity }) {
           options.backing = .chainLayer(depth)  // store exactly what the layers above it hold
@@ -115,6 +116,10 @@ public final class Conversion {
       let file = try openTarget(request.destination, format: outputFormat, registry: registry)
       file.synchronizes = request.synchronizes
       target = file
+      if !file.isStandardOutput {
+        writerOptions.companions = try OutputCompanions(
+          destination: request.destination, inputs: inputs, synchronizes: request.synchronizes)
+      }
     }
     do {
       let writer = try create(target, input.virtualSize, writerOptions)

@@ -35,12 +35,15 @@ public func createImage(
   _ = try OutputFile.checkDestination(request.image)
   var options = request.writerOptions
   var virtualSize = request.size
+  var inputs = Set<FileIdentity>()
   if let backing = request.backing {
     try Conversion.requireBackingFile(format, path: request.image, registry: resolver.registry)
     let base = try resolver.openChain(Resolver.path(of: backing, heldBy: request.image), format: request.backingFormat)
     options.backing = BackingReference(name: backing, format: request.backingFormat ?? base.top.formatName)
+    options.backingImage = base.top
     if virtualSize == nil { virtualSize = base.virtualSize }
-    if let target = FileIdentity.of(path: request.image), try base.identities().contains(target) {
+    inputs = try base.identities()
+    if let target = FileIdentity.of(path: request.image), inputs.contains(target) {
       throw ImageError.usage(
         path: request.image, "the new image is the same file as its backing chain; refusing to overwrite it")
     }
@@ -49,6 +52,7 @@ public func createImage(
     throw ImageError.usage(path: request.image, "give a size, or a backing file to take it from")
   }
   let target = try OutputFile(creatingBeside: request.image)
+  options.companions = try OutputCompanions(destination: request.image, inputs: inputs, synchronizes: true)
   do {
     let writer = try create(target, size, options)
     try writer.finish()

@@ -6,12 +6,42 @@ public struct WriterOptions {
   public var backing: BackingReference?
   /// `-c`: compress data clusters.
   public var compress: Bool
+  /// The image `backing` names, opened (the top of its chain), for writers that record
+  /// facts of the parent besides its name (a VMDK delta's parent CID, a VHDX parent's
+  /// DataWriteGuid) or check that it suits them. Nil without a backing file.
+  public var backingImage: ImageReader?
+  /// Makes the other files an output consists of (a VMDK descriptor's extent files), beside
+  /// it; nil where the output is one file only (standard output, a device written in place).
+  public var companions: CompanionTargets?
 
-  public init(options: [String: String] = [:], backing: BackingReference? = nil, compress: Bool = false) {
+  public init(
+    options: [String: String] = [:], backing: BackingReference? = nil, compress: Bool = false,
+    backingImage: ImageReader? = nil, companions: CompanionTargets? = nil
+  ) {
     self.options = options
     self.backing = backing
     self.compress = compress
+    self.backingImage = backingImage
+    self.companions = companions
   }
+}
+
+/// Creates the files an output is made of besides the one it is written to: the extent
+/// files a VMDK descriptor names (`disk-flat.vmdk`, `disk-s001.vmdk`). Each is a target of
+/// its own that appears, like the output, only when committed; the writer commits them
+/// before its main target, and on failure abandons them (or, once committed, has them
+/// removed with `removeCommitted`), so a failed conversion leaves none of them.
+public protocol CompanionTargets: AnyObject {
+  /// The output's own file name, without its directory, as it will be once committed
+  /// (`disk.vmdk`): the names of companions are made from it.
+  var outputName: String { get }
+  /// Creates the companion `name`, a plain file name (no `/`) in the output's directory.
+  /// Refused when that file is one of the conversion's inputs, the output itself, or
+  /// anything but a regular file or a new name.
+  func create(named name: String) throws -> ByteTarget
+  /// Removes every companion that has been committed (the writer failed after committing
+  /// them).
+  func removeCommitted()
 }
 
 /// The receiving end of a conversion.

@@ -41,6 +41,8 @@ public final class OutputFile: ByteTarget {
   /// A write error the flusher saw, which the kernel will not report to the fsync again.
   private var flusherError: Int32 = 0
   private var finished = false
+  /// True once `commit()` has made the file visible at its destination.
+  public private(set) var isCommitted = false
 
   /// Creates the temporary file beside `path` (beside the file it links to, for a symbolic
   /// link), after `checkDestination`. A file that is replaced passes its mode, owner and
@@ -265,6 +267,7 @@ public final class OutputFile: ByteTarget {
         }
       }
       finished = true
+      isCommitted = true
       lacuna_cleanup_unregister(cleanupSlot)
       lacuna_commit_end(1)
       let directory = splitPath(finalPath).directory
