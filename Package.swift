@@ -19,6 +19,8 @@ let package = Package(
       name: "CZlib", path: "Sources/CZlib", providers: [.apt(["zlib1g-dev"])]),
     .systemLibrary(
       name: "CZstd", path: "Sources/CZstd", providers: [.apt(["libzstd-dev"])]),
+    .systemLibrary(
+      name: "CLibNBD", path: "Sources/CLibNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
     .target(name: "DiskImage", dependencies: ["CLacunaSys"], path: "Sources/DiskImage"),
     .target(name: "Compression", dependencies: ["DiskImage", "CZlib", "CZstd"], path: "Sources/Compression"),
     .target(name: "Raw", dependencies: ["DiskImage"], path: "Formats/Raw", exclude: ["README.md"]),
@@ -26,6 +28,8 @@ let package = Package(
       name: "QCOW2", dependencies: ["DiskImage", "Compression"], path: "Formats/QCOW2",
       exclude: ["README.md"]),
     .target(name: "Convert", dependencies: ["DiskImage"], path: "Sources/Convert"),
+    // NBD exports as byte sources and targets, through Debian's libnbd.
+    .target(name: "NBD", dependencies: ["DiskImage", "CLibNBD"], path: "Sources/NBD"),
     .target(name: "Stream", dependencies: ["DiskImage", "CZlib"], path: "Formats/Stream", exclude: ["README.md"]),
     .target(name: "VHD", dependencies: ["DiskImage"], path: "Formats/VHD", exclude: ["README.md"]),
     .target(name: "VMDK", dependencies: ["DiskImage", "Compression"], path: "Formats/VMDK", exclude: ["README.md"]),
@@ -34,7 +38,7 @@ let package = Package(
     .executableTarget(
       name: "lacuna",
       dependencies: [
-        "CLacunaSys", "DiskImage", "Convert", "Raw", "QCOW2", "Stream", "VHD", "VMDK", "VDI", "VHDX",
+        "CLacunaSys", "DiskImage", "Convert", "NBD", "Raw", "QCOW2", "Stream", "VHD", "VMDK", "VDI", "VHDX",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
       ],
       path: "Sources/lacuna"),
@@ -62,6 +66,7 @@ let package = Package(
     .testTarget(name: "VMDKTests", dependencies: ["VMDK", "DiskImage", "lacuna", "TestSupport"], path: "Tests/VMDKTests"),
     .testTarget(name: "VDITests", dependencies: ["VDI", "DiskImage", "lacuna", "TestSupport"], path: "Tests/VDITests"),
     .testTarget(name: "VHDXTests", dependencies: ["VHDX", "DiskImage", "lacuna", "TestSupport"], path: "Tests/VHDXTests"),
+    .testTarget(name: "NBDTests", dependencies: ["lacuna", "TestSupport"], path: "Tests/NBDTests"),
     .testTarget(
       name: "StreamTests", dependencies: ["Stream", "DiskImage", "Convert", "Raw", "CZlib", "TestSupport"],
       path: "Tests/StreamTests"),

@@ -67,7 +67,9 @@ public final class Conversion {
     }
     if request.backing != nil { try requireBackingFile(outputFormat, path: request.destination, registry: registry) }
     // A destination that cannot be written is refused before any work, not after it.
-    let inPlacePath = try inPlaceDestination(request, format: outputFormat, registry: registry)
+    let toNetwork = resolver.isNetworkName(request.destination)
+    let inPlacePath = toNetwork ? nil : try inPlaceDestination(request, format: outputFormat, registry: registry)
+    if toNetwork { try requireInPlace(outputFormat, path: request.destination, registry: registry, why: "an NBD export") }
     var options = request.engine
     var writerOptions = request.writerOptions
     var inputs = Set<FileIdentity>()
@@ -102,13 +104,20 @@ public final class Conversion {
     }
 
     // Writing over any file the conversion reads would destroy an input mid-read.
-    if let target = FileIdentity.of(path: request.destination), inputs.contains(target) {
+    if toNetwork && request.destination == request.source {
+      throw ImageError.usage(
+        path: request.destination, "the output is the same export as the input; refusing to overwrite it")
+    }
+    if !toNetwork, let target = FileIdentity.of(path: request.destination), inputs.contains(target) {
       throw ImageError.usage(
         path: request.destination, "the output is the same file as an input; refusing to overwrite it")
     }
 
     let target: ByteTarget
-    if let inPlacePath {
+    if toNetwork, let network = resolver.network {
+      target = try network.openTarget(
+        request.destination, targetIsZero: request.targetIsZero, synchronizes: request.synchronizes)
+    } else if let inPlacePath {
       let inPlace = try InPlaceTarget(opening: inPlacePath, targetIsZero: request.targetIsZero, lock: !resolver.forceShare)
       inPlace.synchronizes = request.synchronizes
       target = inPlace
@@ -190,12 +199,7 @@ public final class Conversion {
         guard existing != nil else {
           throw ImageError.usage(path: request.destination, "does not exist; -n writes into an existing file or device")
         }
-        guard format.capabilities.contains(.inPlace) else {
-          let names = registry.formats(with: .inPlace).map { "-O \($0.name)" }.joined(separator: " or ")
-          throw ImageError.usage(
-            path: request.destination,
-            "\(format.name) images cannot be written in place (-n, a block device); that needs \(names)")
-        }
+        try requireInPlace(format, path: request.destination, registry: registry, why: "-n, a block device")
         inPlacePath = finalPath
       }
     }
@@ -203,6 +207,15 @@ public final class Conversion {
       throw ImageError.usage(path: request.destination, "--target-is-zero needs -n (or a block device as the destination)")
     }
     return inPlacePath
+  }
+
+  /// Refuses to write a format in place (into an existing file, device or export) when its
+  /// writer counts on a new, empty file.
+  static func requireInPlace(_ format: ImageFormat, path: String, registry: FormatRegistry, why: String) throws {
+    guard !format.capabilities.contains(.inPlace) else { return }
+    let names = registry.formats(with: .inPlace).map { "-O \($0.name)" }.joined(separator: " or ")
+    throw ImageError.usage(
+      path: path, "\(format.name) images cannot be written in place (\(why)); that needs \(names)")
   }
 
   /// Refuses `-B` for a format that cannot record a backing file, before any image is

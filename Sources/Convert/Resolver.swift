@@ -24,12 +24,20 @@ public struct Resolver: CompanionOpener {
   /// `-U` (qemu-img's `--force-share`): read images without qemu's locks, even one a VM is
   /// writing (the copy may then be inconsistent).
   public var forceShare = false
+  /// Storage reached by URIs (NBD exports), for names the user gives; nil reads files only.
+  /// Names that images hold are never URIs (`resolve` refuses them).
+  public var network: NetworkStorage?
 
   public init(registry: FormatRegistry) { self.registry = registry }
 
-  /// Opens what `name` names for reading: a local file (or block device) today. An
-  /// untrusted image is read only from a regular file.
+  /// True when `name` is a URI of the network storage rather than a path.
+  public func isNetworkName(_ name: String) -> Bool { network?.handles(name) ?? false }
+
+  /// Opens what `name` names for reading: a URI of the network storage, or a local file (or
+  /// block device). An untrusted image is read only from a regular file or the URI the
+  /// user gave.
   public func openSource(_ name: String) throws -> ByteSource {
+    if let network, network.handles(name) { return try network.openSource(name) }
     let file = try ImageFile.openForReading(name)
     if policy == .untrusted && file.isBlockDevice {
       throw ImageError.unsupported(path: name, "is a block device; an untrusted image is read only from a regular file")

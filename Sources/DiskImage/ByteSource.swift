@@ -120,3 +120,14 @@ extension ByteTarget {
     return bytes
   }
 }
+
+/// Storage reached by a URI instead of a path (NBD exports): the Resolver asks it before
+/// opening a name as a file, and the conversion before creating an output file.
+public protocol NetworkStorage: Sendable {
+  /// True when `name` is one of its URIs.
+  func handles(_ name: String) -> Bool
+  /// Connects to the storage `name` names, to read it.
+  func openSource(_ name: String) throws -> ByteSource
+  /// Connects to the storage `name` names, to write a disk into it in place.
+  func openTarget(_ name: String, targetIsZero: Bool, synchronizes: Bool) throws -> ByteTarget
+}

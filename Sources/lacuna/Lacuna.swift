@@ -1,5 +1,6 @@
 import ArgumentParser
 import Convert
+import NBD
 import Foundation
 import DiskImage
 import QCOW2
@@ -42,7 +43,11 @@ struct Lacuna: ParsableCommand {
 let registry = FormatRegistry(
   formats: [QCOW2.format, SparseStream.format, VMDK.format, VHD.format, VDI.format, VHDX.format], fallback: Raw.format)
 /// How every name the user gives or an image holds becomes an image.
-let resolver = Resolver(registry: registry)
+let resolver: Resolver = {
+  var resolver = Resolver(registry: registry)
+  resolver.network = NBDStorage()
+  return resolver
+}()
 
 /// How the verbs that read images may open them: `-U` and `--untrusted`.
 struct ImageAccess: ParsableArguments {
@@ -59,6 +64,7 @@ struct ImageAccess: ParsableArguments {
   /// The resolver these flags ask for.
   var resolver: Resolver {
     var chosen = Convert.Resolver(registry: registry)
+    chosen.network = NBDStorage()
     if untrusted { chosen.policy = .untrusted }
     chosen.forceShare = forceShare
     return chosen

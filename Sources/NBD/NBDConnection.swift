@@ -1,0 +1,171 @@
+import CLibNBD
+import DiskImage
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// One connection to an NBD server through libnbd. Every step (connecting, each request)
+/// waits at most `timeout`: a server that stops answering is an error, never a hang.
+/// Not safe from several threads at once; `NBDSource` and `NBDTarget` keep one per thread
+/// that works at once, or guard one with a lock.
+final class NBDConnection {
+  let handle: OpaquePointer
+  /// The URI as the user gave it, for errors.
+  let uri: String
+  let timeoutMilliseconds: Int
+  /// The export's size in bytes.
+  let size: Int64
+  /// The largest request the server takes (its advertised maximum block size, or libnbd's
+  /// 32 MiB when it advertises none).
+  let maximumRequest: Int
+  let canZero: Bool
+  let canFastZero: Bool
+  let canMultiConnect: Bool
+  let isReadOnly: Bool
+  /// True when the server answers `base:allocation` block status.
+  let hasAllocation: Bool
+
+  init(uri: String, timeoutMilliseconds: Int) throws {
+    guard let handle = nbd_create() else { throw NBDConnection.lastError(uri, "cannot start libnbd") }
+    self.handle = handle
+    self.uri = uri
+    self.timeoutMilliseconds = timeoutMilliseconds
+    do {
+      guard nbd_add_meta_context(handle, "base:allocation") != -1 else {
+        throw NBDConnection.lastError(uri, "cannot ask for block status")
+      }
+      guard nbd_aio_connect_uri(handle, uri) != -1 else { throw NBDConnection.lastError(uri, "cannot connect") }
+      let deadline = NBDConnection.now() + timeoutMilliseconds
+      while nbd_aio_is_connecting(handle) != 0 {
+        let remaining = deadline - NBDConnection.now()
+        guard remaining > 0 else {
+          throw ImageError.invalid(path: uri, "cannot connect: no answer from the server in \(timeoutMilliseconds / 1000) s")
+        }
+        guard nbd_poll(handle, Int32(remaining)) != -1 else { throw NBDConnection.lastError(uri, "cannot connect") }
+      }
+      guard nbd_aio_is_ready(handle) != 0 else { throw NBDConnection.lastError(uri, "cannot connect") }
+      size = nbd_get_size(handle)
+      guard size >= 0 else { throw NBDConnection.lastError(uri, "cannot get the export's size") }
+      let maximum = nbd_get_block_size(handle, Int32(LIBNBD_SIZE_MAXIMUM))
+      maximumRequest = maximum > 0 ? Int(min(maximum, 32 << 20)) : 32 << 20
+      canZero = nbd_can_zero(handle) == 1
+      canFastZero = nbd_can_fast_zero(handle) == 1
+      canMultiConnect = nbd_can_multi_conn(handle) == 1
+      isReadOnly = nbd_is_read_only(handle) == 1
+      hasAllocation = nbd_can_meta_context(handle, "base:allocation") == 1
+    } catch {
+      nbd_close(handle)
+      throw error
+    }
+  }
+
+  deinit {
+    if nbd_aio_is_ready(handle) != 0 { _ = nbd_shutdown(handle, 0) }
+    nbd_close(handle)
+  }
+
+  /// Milliseconds on a clock that only goes forward.
+  static func now() -> Int {
+    var time = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &time)
+    return time.tv_sec * 1000 + time.tv_nsec / 1_000_000
+  }
+
+  /// libnbd's last error on this thread, as one line naming the URI: "URI: WHAT: why".
+  static func lastError(_ uri: String, _ what: String) -> ImageError {
+    var message = nbd_get_error().map { String(cString: $0) } ?? "unknown error"
+    // libnbd prefixes the function ("nbd_aio_connect_uri: connect: ..."); the user gave no
+    // such call.
+    if message.hasPrefix("nbd_"), let colon = message.firstIndex(of: ":") {
+      message = String(message[message.index(after: colon)...].drop { $0 == " " })
+    }
+    return ImageError.invalid(path: uri, "\(what): \(message)")
+  }
+
+  /// Waits until the request `cookie` (from an `nbd_aio_*` call) is done; a failed request,
+  /// a dead connection or no answer in time is an error saying `what` was asked.
+  func wait(_ cookie: Int64, _ what: @autoclosure () -> String) throws {
+    guard cookie != -1 else { throw NBDConnection.lastError(uri, what()) }
+    let deadline = NBDConnection.now() + timeoutMilliseconds
+    while true {
+      switch nbd_aio_command_completed(handle, UInt64(cookie)) {
+      case 1: return
+      case -1: throw NBDConnection.lastError(uri, what())
+      default: break
+      }
+      let remaining = deadline - NBDConnection.now()
+      guard remaining > 0 else {
+        throw ImageError.invalid(path: uri, "\(what()): no answer from the server in \(timeoutMilliseconds / 1000) s")
+      }
+      guard nbd_poll(handle, Int32(remaining)) != -1 else { throw NBDConnection.lastError(uri, what()) }
+    }
+  }
+
+  /// Waits until at most `count` requests are in flight (retiring the ones that are done).
+  func drain(to count: Int, _ what: @autoclosure () -> String) throws {
+    let deadline = NBDConnection.now() + timeoutMilliseconds
+    while nbd_aio_in_flight(handle) > count {
+      let remaining = deadline - NBDConnection.now()
+      guard remaining > 0 else {
+        throw ImageError.invalid(path: uri, "\(what()): no answer from the server in \(timeoutMilliseconds / 1000) s")
+      }
+      guard nbd_poll(handle, Int32(remaining)) != -1 else { throw NBDConnection.lastError(uri, what()) }
+    }
+  }
+
+  /// Reads `buffer.count` bytes at `offset`: a large read goes out as several requests at
+  /// once (each within the server's maximum), so the server works on them together.
+  func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws {
+    let piece = min(maximumRequest, max(256 << 10, buffer.count / 4))
+    var cookies: [(cookie: Int64, at: Int64, count: Int)] = []
+    var done = 0
+    while done < buffer.count {
+      let n = min(buffer.count - done, piece)
+      let at = offset + Int64(done)
+      let cookie = nbd_aio_pread(handle, buffer.baseAddress! + done, n, UInt64(at), nbd_completion_callback(), 0)
+      if cookie == -1 {
+        // Let the requests already sent finish before the buffer they fill goes away.
+        for sent in cookies { try? wait(sent.cookie, "read") }
+        throw NBDConnection.lastError(uri, "read \(n) bytes at \(hex(at))")
+      }
+      cookies.append((cookie, at, n))
+      done += n
+    }
+    var failure: Error?
+    for sent in cookies {
+      do { try wait(sent.cookie, "read \(sent.count) bytes at \(hex(sent.at))") } catch { if failure == nil { failure = error } }
+    }
+    if let failure { throw failure }
+  }
+
+  /// The export's allocation in `range`: runs of (length, flags), flags holding
+  /// LIBNBD_STATE_HOLE and LIBNBD_STATE_ZERO. Covers at least part of the range.
+  func blockStatus(_ range: Range<Int64>) throws -> [(length: Int64, flags: UInt32)] {
+    final class Box { var runs: [(length: Int64, flags: UInt32)] = [] }
+    let box = Box()
+    let callback: @convention(c) (
+      UnsafeMutableRawPointer?, UnsafePointer<CChar>?, UInt64, UnsafeMutablePointer<UInt32>?, Int,
+      UnsafeMutablePointer<Int32>?
+    ) -> Int32 = { user, context, _, entries, count, _ in
+      guard let user, let context, let entries, strcmp(context, "base:allocation") == 0 else { return 0 }
+      let box = Unmanaged<Box>.fromOpaque(user).takeUnretainedValue()
+      var i = 0
+      while i + 1 < count {
+        box.runs.append((Int64(entries[i]), entries[i + 1]))
+        i += 2
+      }
+      return 0
+    }
+    // A request covers at most 2 GiB (the protocol's counts are 32 bits).
+    let length = UInt64(min(range.count, 1 << 31))
+    let cookie = withExtendedLifetime(box) {
+      nbd_aio_block_status(
+        handle, length, UInt64(range.lowerBound),
+        nbd_extent_callback(callback: callback, user_data: Unmanaged.passUnretained(box).toOpaque(), free: nil),
+        nbd_completion_callback(), 0)
+    }
+    try withExtendedLifetime(box) { try wait(cookie, "get the allocation at \(hex(range.lowerBound))") }
+    return box.runs
+  }
+}
