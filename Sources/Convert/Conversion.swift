@@ -69,7 +69,6 @@ public final class Conversion {
     // A destination that cannot be written is refused before any work, not after it.
     let toNetwork = resolver.isNetworkName(request.destination)
     let inPlacePath = toNetwork ? nil : try inPlaceDestination(request, format: outputFormat, registry: registry)
-    if toNetwork { try requireInPlace(outputFormat, path: request.destination, registry: registry, why: "an NBD export") }
     var options = request.engine
     var writerOptions = request.writerOptions
     var inputs = Set<FileIdentity>()
@@ -115,8 +114,11 @@ public final class Conversion {
 
     let target: ByteTarget
     if toNetwork, let network = resolver.network {
+      // A format written in place makes its zero ranges zero itself; any other format's
+      // writer counts on a new, empty file: the export is zeroed first.
       target = try network.openTarget(
-        request.destination, targetIsZero: request.targetIsZero, synchronizes: request.synchronizes)
+        request.destination, targetIsZero: request.targetIsZero,
+        zeroFirst: !outputFormat.capabilities.contains(.inPlace), synchronizes: request.synchronizes)
     } else if let inPlacePath {
       let inPlace = try InPlaceTarget(opening: inPlacePath, targetIsZero: request.targetIsZero, lock: !resolver.forceShare)
       inPlace.synchronizes = request.synchronizes

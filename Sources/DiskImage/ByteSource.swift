@@ -128,6 +128,8 @@ public protocol NetworkStorage: Sendable {
   func handles(_ name: String) -> Bool
   /// Connects to the storage `name` names, to read it.
   func openSource(_ name: String) throws -> ByteSource
-  /// Connects to the storage `name` names, to write a disk into it in place.
-  func openTarget(_ name: String, targetIsZero: Bool, synchronizes: Bool) throws -> ByteTarget
+  /// Connects to the storage `name` names, to write into it in place. `targetIsZero` says
+  /// it reads as zeros already; `zeroFirst` makes it read as zeros before anything is
+  /// written (for formats whose writers count on a new, empty file).
+  func openTarget(_ name: String, targetIsZero: Bool, zeroFirst: Bool, synchronizes: Bool) throws -> ByteTarget
 }

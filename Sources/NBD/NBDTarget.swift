@@ -13,6 +13,8 @@ public final class NBDTarget: ByteTarget {
   public let name: String
   private let connection: NBDConnection
   public let readsAsZero: Bool
+  /// The export is to be zeroed before the first request that changes it (`zeroFirst`).
+  private var zeroPending = false
   /// False skips the final flush (`-t unsafe`).
   public var synchronizes = true
   /// Requests sent and not yet known done, oldest first, with the bytes they send.
@@ -31,6 +33,13 @@ public final class NBDTarget: ByteTarget {
       throw ImageError.usage(path: uri, "the export is read-only; nothing was written")
     }
     readsAsZero = targetIsZero
+  }
+
+  /// Connects to `uri` to write an image whose writer counts on a new, empty file: the
+  /// export is zeroed before the first write.
+  public convenience init(uri: String, zeroingFirst: Void) throws {
+    try self.init(uri: uri, targetIsZero: true)
+    zeroPending = true
   }
 
   deinit {
@@ -74,6 +83,7 @@ public final class NBDTarget: ByteTarget {
   }
 
   public func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64) throws {
+    try zeroIfPending()
     var done = 0
     while done < bytes.count {
       let n = min(bytes.count - done, connection.maximumRequest)
@@ -87,6 +97,11 @@ public final class NBDTarget: ByteTarget {
   }
 
   public func writeZeroes(_ range: Range<Int64>) throws {
+    try zeroIfPending()
+    try zeroRange(range)
+  }
+
+  private func zeroRange(_ range: Range<Int64>) throws {
     guard !range.isEmpty else { return }
     guard connection.canZero else { return try writeZeroBytes(range) }
     var position = range.lowerBound
@@ -98,6 +113,16 @@ public final class NBDTarget: ByteTarget {
       try send(cookie, buffer: nil, range: position..<position + n, what: "zero \(n) bytes at \(hex(position))")
       position += n
     }
+  }
+
+  /// Makes the whole export read as zeros (write-zeroes requests, which servers turn into
+  /// trims where they can) before the first request that changes it, so the writer may
+  /// count on what it never writes reading as zeros, as in a new file. Nothing is zeroed
+  /// for a conversion that fails before it writes (a bad option, a source error).
+  private func zeroIfPending() throws {
+    guard zeroPending else { return }
+    zeroPending = false
+    try zeroRange(0..<connection.size)
   }
 
   public func punchHole(_ range: Range<Int64>) throws -> Bool {
@@ -128,6 +153,7 @@ public final class NBDTarget: ByteTarget {
   public func allocate(_ range: Range<Int64>) throws {}
 
   public func flush() throws {
+    try zeroIfPending()
     try retire(keeping: 0, bytes: 0)
     guard nbd_can_flush(connection.handle) == 1 else { return }
     let cookie = nbd_aio_flush(connection.handle, nbd_completion_callback(), 0)
@@ -150,8 +176,9 @@ public struct NBDStorage: NetworkStorage {
   public init() {}
   public func handles(_ name: String) -> Bool { NBD.isURI(name) }
   public func openSource(_ name: String) throws -> ByteSource { try NBDSource(uri: name) }
-  public func openTarget(_ name: String, targetIsZero: Bool, synchronizes: Bool) throws -> ByteTarget {
-    let target = try NBDTarget(uri: name, targetIsZero: targetIsZero)
+  public func openTarget(_ name: String, targetIsZero: Bool, zeroFirst: Bool, synchronizes: Bool) throws -> ByteTarget {
+    let target = zeroFirst && !targetIsZero
+      ? try NBDTarget(uri: name, zeroingFirst: ()) : try NBDTarget(uri: name, targetIsZero: targetIsZero)
     target.synchronizes = synchronizes
     return target
   }
