@@ -35,6 +35,9 @@ final class NBDConnection {
       guard nbd_add_meta_context(handle, "base:allocation") != -1 else {
         throw NBDConnection.lastError(uri, "cannot ask for block status")
       }
+      // The user wrote the URI: files it names (tls-psk-file, tls-certificates) are theirs to
+      // name, as on qemu-img's and nbdcopy's command lines.
+      _ = nbd_set_uri_allow_local_file(handle, true)
       guard nbd_aio_connect_uri(handle, uri) != -1 else { throw NBDConnection.lastError(uri, "cannot connect") }
       let deadline = NBDConnection.now() + timeoutMilliseconds
       while nbd_aio_is_connecting(handle) != 0 {

@@ -318,4 +318,26 @@ final class NBDConversionTests: QemuTestCase {
     XCTAssertEqual(try lacuna("convert", "-f", "raw", "-O", "raw", plain.uri, back).status, 0)
     try qemuImgOK("compare", "-f", "raw", "-F", "raw", data, back)
   }
+
+  /// nbds:// with a pre-shared key: the export is read over TLS; the same server refuses a
+  /// plain connection, in one line.
+  func testTLSWithAPreSharedKey() throws {
+    let source = try makeSource()
+    let psk = path("psk.txt")
+    let key = (0..<32).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined()
+    try Data("alice:\(key)\n".utf8).write(to: URL(fileURLWithPath: psk))
+    chmod(psk, 0o600)
+    let socket = path("tls.sock")
+    _ = try startNbdkit(["--tls=require", "--tls-psk=\(psk)", "file", "file=\(source)"], socket: socket)
+    let secure = "nbds+unix://alice@/?socket=\(socket)&tls-psk-file=\(psk)"
+    let out = path("tls.raw")
+    let outcome = try lacuna("convert", "-O", "raw", secure, out)
+    XCTAssertEqual(outcome.status, 0, outcome.stderr)
+    try qemuImgOK("compare", "-F", "raw", source, out)
+    let plain = socketURI(socket)
+    let refused = try lacuna("info", plain)
+    XCTAssertNotEqual(refused.status, 0)
+    XCTAssertTrue(refused.stderr.hasPrefix("lacuna: \(plain): cannot connect: "), refused.stderr)
+    XCTAssertTrue(refused.stderr.contains("TLS"), refused.stderr)
+  }
 }
