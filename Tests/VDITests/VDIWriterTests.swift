@@ -204,6 +204,24 @@ final class VDIWriterTests: QemuTestCase {
       source, to: "vdi", options: "static=on", name: "threads-static", extraFlags: ["-f", "raw"], mask: Self.maskUUIDs)
   }
 
+  /// Memory holds one window of the map, not the map: an empty 8 TiB disk (a 32 MiB map)
+  /// converts in about the memory of an empty 1 MiB one.
+  func testMemoryIsOneMapWindow() throws {
+    var peaks: [Int] = []
+    for (name, size) in [("tiny", Int64(1) << 20), ("huge", Int64(8) << 40)] {
+      let source = path("\(name).raw")
+      XCTAssertTrue(FileManager.default.createFile(atPath: source, contents: nil))
+      guard truncate(source, off_t(size)) == 0 else { throw XCTSkip("the file system takes no 8 TiB sparse file") }
+      let out = path("\(name).vdi")
+      let (outcome, peak) = try lacunaMeasuringMemory(["convert", "-f", "raw", "-O", "vdi", source, out])
+      XCTAssertEqual(outcome.status, 0, outcome.stderr)
+      peaks.append(peak)
+    }
+    try judge.assertCheckClean(path("huge.vdi"), format: "vdi")
+    XCTAssertEqual(try header(path("huge.vdi")).blockCount, 8 << 20)
+    XCTAssertLessThan(peaks[1] - peaks[0], 12 << 10, "peak \(peaks[1]) KiB against \(peaks[0]) KiB for a 32 MiB map")
+  }
+
   // MARK: - Refusals
 
   func testRefusals() throws {
