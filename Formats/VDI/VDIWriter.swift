@@ -73,6 +73,10 @@ public final class VDIWriter: ImageWriter {
         "preallocation=\(options.options["preallocation"]!) is not supported for vdi output (static=on allocates every block)")
     case let other: throw usage("preallocation '\(other)' is not one of off")
     }
+    guard target.readsAsZero else {
+      // The blocks' zero parts and the map's padding are left unwritten.
+      throw usage("vdi images are written to a new file only, not over existing content")
+    }
     guard virtualSize >= 0 else { throw usage("virtual size \(virtualSize) is negative") }
     // qemu counts the disk in 512-byte sectors and records the size rounded up to one.
     guard virtualSize <= Self.largestDiskSize else {
