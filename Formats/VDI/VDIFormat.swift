@@ -1,6 +1,7 @@
 import DiskImage
 
-/// VirtualBox's VDI, read: dynamic, fixed and differencing (snapshot) images, version 1.1.
+/// VirtualBox's VDI, version 1.1: dynamic, fixed and differencing (snapshot) images read;
+/// dynamic and fixed (`static=on`) images written.
 public enum VDI {
   /// 0xbeda107f, stored little-endian at offset 0x40, after the 64-byte informational text.
   public static let signature: [UInt8] = [0x7f, 0x10, 0xda, 0xbe]
@@ -20,5 +21,8 @@ public enum VDI {
       try VDIReader(source: source, parentDirectories: [".", ".."]) {
         try companions.checkMaySearch(heldBy: source, for: "its parent (by UUID, among the .vdi files beside it and one folder up)")
       }
+    },
+    create: { target, size, options in
+      try VDIWriter(target: target, virtualSize: size, options: options)
     })
 }

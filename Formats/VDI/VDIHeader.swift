@@ -184,3 +184,55 @@ private func hexByte(_ byte: UInt8) -> String {
   let digits = String(byte, radix: 16)
   return digits.count == 1 ? "0" + digits : digits
 }
+
+extension VDIHeader {
+  /// The informational text qemu-img writes: readers that check the text at all know it,
+  /// and VirtualBox and qemu ignore it.
+  static let qemuText = "<<< QEMU VM Virtual Disk Image >>>\n"
+
+  /// The 512 bytes of pre-header and header (version 1.1, `headerSize` bytes of fields)
+  /// as they go into the file, little-endian; the legacy geometry, the description and
+  /// the padding are zero, as qemu-img writes them.
+  func encoded(text: String = VDIHeader.qemuText) -> [UInt8] {
+    var bytes = [UInt8](repeating: 0, count: 0x200)
+    func put(_ value: UInt64, at offset: Int, size: Int) {
+      for i in 0..<size { bytes[offset + i] = UInt8(truncatingIfNeeded: value >> UInt64(8 * i)) }
+    }
+    func put32(_ value: UInt32, at offset: Int) { put(UInt64(value), at: offset, size: 4) }
+    for (i, byte) in text.utf8.prefix(63).enumerated() { bytes[i] = byte }
+    put32(0xBEDA_107F, at: 0x40)
+    put32(version, at: 0x44)
+    put32(headerSize, at: 0x48)
+    put32(imageType.rawValue, at: 0x4C)
+    put32(flags, at: 0x50)
+    put32(UInt32(mapOffset), at: 0x154)
+    put32(UInt32(dataOffset), at: 0x158)
+    put32(sectorSize, at: 0x168)
+    put(UInt64(diskSize), at: 0x170, size: 8)
+    put32(UInt32(blockSize), at: 0x178)
+    put32(UInt32(blockExtra), at: 0x17C)
+    put32(UInt32(blockCount), at: 0x180)
+    put32(UInt32(blocksAllocated), at: 0x184)
+    for (offset, uuid) in [
+      (0x188, imageUUID), (0x198, modificationUUID), (0x1A8, linkUUID), (0x1B8, parentModificationUUID),
+    ] {
+      bytes.replaceSubrange(offset..<offset + 16, with: uuid.bytes)
+    }
+    return bytes
+  }
+}
+
+extension VDIHeader.UUID {
+  static let null = VDIHeader.UUID(bytes: [UInt8](repeating: 0, count: 16))
+
+  /// A random (version 4) UUID, stored as the file stores UUIDs: the first three fields
+  /// little-endian, as in a Microsoft GUID.
+  static func random() -> VDIHeader.UUID {
+    var generator = SystemRandomNumberGenerator()
+    var rfc = (0..<16).map { _ in UInt8.random(in: 0...255, using: &generator) }
+    rfc[6] = rfc[6] & 0x0F | 0x40  // version 4
+    rfc[8] = rfc[8] & 0x3F | 0x80  // RFC 4122 variant
+    let order = [3, 2, 1, 0, 5, 4, 7, 6, 8, 9, 10, 11, 12, 13, 14, 15]
+    return VDIHeader.UUID(bytes: order.map { rfc[$0] })
+  }
+}
