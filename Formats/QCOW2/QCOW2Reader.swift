@@ -24,6 +24,19 @@ public final class QCOW2Reader: ImageReader {
   private let bitmaps: [BitmapDirectory.Entry]
   /// Host ranges that hold metadata no L2 table or data cluster may point into.
   private let metadataRanges: [(range: Range<Int64>, name: String)]
+  /// `looksPreallocated()`, decided on the first map question (as qemu decides it).
+  private var preallocation: Bool?
+  private let preallocationLock = Lock()
+
+  /// Whether map answers report data clusters whose host bytes are holes as zeros.
+  func reportsHostHoles() throws -> Bool {
+    try preallocationLock.withLock {
+      if let preallocation { return preallocation }
+      let answer = try looksPreallocated()
+      preallocation = answer
+      return answer
+    }
+  }
 
   /// How many L2 tables one `extents` call visits at most; callers loop for the rest.
   static let l2TablesPerAnswer = 16
@@ -99,7 +112,10 @@ public final class QCOW2Reader: ImageReader {
       case .compressed: result.appendMerging(Extent(pieceRange, .data))
       }
     }
-    return result
+    // A data cluster whose host bytes are a hole in the file reads as zeros. Where the
+    // image looks preallocated (qemu's rule), say so, as qemu-img map does; elsewhere
+    // qemu calls such clusters plain data, and so does lacuna.
+    return try reportsHostHoles() ? try result.splittingHostHoles(in: source) : result
   }
 
   /// What one stretch of the virtual disk maps to. A stretch never crosses a cluster,

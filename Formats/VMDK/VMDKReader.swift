@@ -339,7 +339,8 @@ public final class VMDKReader: ImageReader {
       try extent.extents(in: local.lowerBound - extent.start..<local.upperBound - extent.start)
     }
     return answer.map {
-      Extent($0.range.lowerBound + extent.start..<$0.range.upperBound + extent.start, $0.kind, hostOffset: $0.hostOffset)
+      Extent($0.range.lowerBound + extent.start..<$0.range.upperBound + extent.start, $0.kind, hostOffset: $0.hostOffset,
+        isHostHole: $0.isHostHole)
     }
   }
 

@@ -13,6 +13,8 @@ public struct LayeredExtent: RangeRun, Equatable, CustomStringConvertible {
   public var depth: Int
   /// Where the bytes sit in that layer's file, when they sit there plainly.
   public var hostOffset: Int64?
+  /// Data in the layer whose host bytes are a hole (`Extent.isHostHole`): `.zero` here.
+  public var isHostHole = false
 
   public var description: String {
     (present ? "" : "~") + "\(kind)[\(range.lowerBound)..<\(range.upperBound)]@\(depth)" + (hostOffset.map { "+\($0)" } ?? "")
@@ -20,7 +22,7 @@ public struct LayeredExtent: RangeRun, Equatable, CustomStringConvertible {
 
   /// Same kind, presence and layer, touching, host offsets contiguous.
   public func canMerge(with next: LayeredExtent) -> Bool {
-    kind == next.kind && present == next.present && depth == next.depth
+    kind == next.kind && present == next.present && depth == next.depth && isHostHole == next.isHostHole
       && range.upperBound == next.range.lowerBound
       && hostOffsetsContinue(hostOffset, length: length, next.hostOffset)
   }
@@ -49,7 +51,10 @@ extension Chain {
     if !inside.isEmpty {
       for extent in try layer.allExtents(in: inside) {
         if extent.kind != .unallocated {
-          result.appendMerging(LayeredExtent(range: extent.range, kind: extent.kind, present: true, depth: depth, hostOffset: extent.hostOffset))
+          result.appendMerging(
+            LayeredExtent(
+              range: extent.range, kind: extent.kind, present: true, depth: depth, hostOffset: extent.hostOffset,
+              isHostHole: extent.isHostHole))
         } else if depth + 1 < limit {
           try collect(extent.range, depth: depth + 1, limit: limit, into: &result)
         } else {

@@ -82,7 +82,8 @@ extension ImageReader {
       for extent in answer {
         let clipped = Extent(
           extent.range.clamped(to: position..<range.upperBound), extent.kind,
-          hostOffset: extent.hostOffset.map { $0 + (max(position, extent.range.lowerBound) - extent.range.lowerBound) })
+          hostOffset: extent.hostOffset.map { $0 + (max(position, extent.range.lowerBound) - extent.range.lowerBound) },
+          isHostHole: extent.isHostHole)
         guard clipped.range.lowerBound == position, clipped.length > 0 else { break }
         result.appendMerging(clipped)
         position = clipped.range.upperBound

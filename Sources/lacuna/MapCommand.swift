@@ -84,7 +84,7 @@ struct MapCommand: ParsableCommand {
 
   func jsonLine(_ extent: LayeredExtent) -> String {
     var line = "{ \"start\": \(extent.range.lowerBound), \"length\": \(extent.length), \"depth\": \(extent.depth),"
-    line += " \"present\": \(extent.present), \"zero\": \(extent.kind != .data), \"data\": \(extent.kind == .data)"
+    line += " \"present\": \(extent.present), \"zero\": \(extent.kind != .data), \"data\": \(extent.kind == .data || extent.isHostHole)"
     if let offset = extent.hostOffset { line += ", \"offset\": \(offset)" }
     return line + "}"
   }

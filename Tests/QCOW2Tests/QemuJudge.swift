@@ -55,34 +55,15 @@ enum Qemu {
   /// qemu-img's map of one layer, with data over host-file holes counted as data (below).
   static func map(of path: String) throws -> [MapEntry] {
     let json = try JSONSerialization.jsonObject(with: run("qemu-img", ["map", "--output=json", layerOnly(path)]))
-    return dataHolesAsData((json as! [[String: Any]]).map { entry in
+    // qemu-img map also asks the host file system: a data cluster whose host bytes are a
+    // hole is `"zero": true, "data": true`, as the reader answers it (`isHostHole`).
+    return (json as! [[String: Any]]).map { entry in
       MapEntry(
         start: (entry["start"] as! NSNumber).int64Value, length: (entry["length"] as! NSNumber).int64Value,
         present: entry["present"] as! Bool, zero: entry["zero"] as! Bool, data: entry["data"] as! Bool,
         offset: (entry["offset"] as? NSNumber)?.int64Value)
-    })
-  }
-
-  /// qemu-img map also asks the host file system, and reports a data cluster whose host
-  /// bytes are a hole as `"zero": true, "data": true`. We answer for the format only (a
-  /// checked-out fixture has no holes anyway), so such entries count as plain data here.
-  static func dataHolesAsData(_ entries: [Qemu.MapEntry]) -> [Qemu.MapEntry] {
-    var result: [Qemu.MapEntry] = []
-    for var entry in entries {
-      if entry.data { entry.zero = false }
-      if var last = result.last, last.present == entry.present, last.zero == entry.zero, last.data == entry.data,
-        last.start + last.length == entry.start,
-        (last.offset == nil && entry.offset == nil) || (last.offset.map { $0 + last.length } == entry.offset && entry.offset != nil)
-      {
-        last.length += entry.length
-        result[result.count - 1] = last
-      } else {
-        result.append(entry)
-      }
     }
-    return result
   }
-
 
   /// `qemu-img info --output=json`, parsed, and the raw text (for key order).
   static func info(of path: String) throws -> (object: [String: Any], text: String) {
@@ -96,7 +77,7 @@ func mapEntries(_ extents: [Extent]) -> [Qemu.MapEntry] {
   extents.map { extent in
     Qemu.MapEntry(
       start: extent.range.lowerBound, length: extent.length, present: extent.kind != .unallocated,
-      zero: extent.kind != .data, data: extent.kind == .data, offset: extent.hostOffset)
+      zero: extent.kind != .data, data: extent.kind == .data || extent.isHostHole, offset: extent.hostOffset)
   }
 }
 
