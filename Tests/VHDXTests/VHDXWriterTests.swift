@@ -180,6 +180,8 @@ final class VHDXWriterTests: QemuTestCase {
     try qemuImgOK("create", "-q", "-f", "raw", source, "5000001")
     try qemuIO(source, "write -P 0x42 4999680 321")
     let (ours, _) = try judge.convertBoth(source, sourceFormat: "raw", to: "vhdx", name: "odd")
+    try judge.assertCheckClean(ours, format: "vhdx")
+    try judge.assertIdentical(ours, format: "vhdx", to: source, sourceFormat: "raw")
     try judge.assertSameVirtualSize(ours, path("odd.qemu.vhdx"), format: "vhdx")
     let back = path("odd.back.raw")
     XCTAssertEqual(try lacuna(["convert", "-O", "raw", ours, back], in: dir).status, 0)
@@ -392,5 +394,27 @@ final class VHDXWriterTests: QemuTestCase {
     let resized = try lacuna(["create", "-f", "vhdx", "-b", "base.vhdx", "-F", "vhdx", path("small.vhdx"), "32M"], in: dir)
     XCTAssertNotEqual(resized.status, 0)
     XCTAssertTrue(resized.stderr.contains("parent's virtual size"), resized.stderr)
+  }
+
+  func testDifferencingOnADifferencingParent() throws {
+    // base.vhdx <- mid.vhdx (lacuna create -b) <- child.vhdx, from a flattened disk with
+    // a sub-sector-run change and a zeroed 4 KiB; the child's parent is in a folder above.
+    let (base, _) = try chain()
+    try FileManager.default.createDirectory(atPath: path("sub"), withIntermediateDirectories: true)
+    let mid = path("sub/mid.vhdx")
+    XCTAssertEqual(try lacuna(["create", "-f", "vhdx", "-b", "../base.vhdx", mid], in: dir).status, 0)
+    let changed = path("changed.raw")
+    try qemuImgOK("convert", "-f", "vhdx", "-O", "raw", base, changed)
+    try qemuIO(changed, "write -P 0x31 3M 1k", "write -z 20M 4k", "write -P 0x32 63M 512")
+    let child = path("grandchild.vhdx")
+    let outcome = try lacuna(["convert", "-O", "vhdx", "-B", "sub/mid.vhdx", changed, child], in: dir)
+    XCTAssertEqual(outcome.status, 0, outcome.stderr)
+    try judge.assertIdentical(try flattened(child), format: "raw", to: changed, sourceFormat: "raw")
+    let reader = try openVHDX(child)
+    XCTAssertEqual(reader.backing?.name, "./sub/mid.vhdx")
+    XCTAssertNoThrow(try reader.checkBacking(try openVHDX(mid)))
+    XCTAssertEqual(try openVHDX(mid).backing?.name, "../base.vhdx")
+    try judge.assertHoles([child], data: 1024 + 512 + (1 << 20), metadata: 256 << 10)
+    try vhdiinfo(child)
   }
 }
