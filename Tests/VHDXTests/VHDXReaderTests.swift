@@ -31,7 +31,8 @@ final class VHDXReaderTests: XCTestCase {
     XCTAssertTrue(VHDX.format.probe(Array("vhdxfile".utf8) + [0, 0]))
     XCTAssertFalse(VHDX.format.probe(Array("vhdxfil".utf8)))
     XCTAssertEqual(VHDX.format.name, "vhdx")
-    XCTAssertNil(VHDX.format.create)
+    XCTAssertNotNil(VHDX.format.create)
+    XCTAssertTrue(VHDX.format.capabilities.contains(.backingFile))
   }
 
   /// Every payload block state of a file without a parent.
