@@ -129,7 +129,11 @@ public final class VMDKWriter: ImageWriter {
     outputName: String
   ) throws -> (virtualSize: Int64, descriptor: VMDKDescriptorText) {
     let path = target.name
-    guard requested >= 0 else { throw ImageError.usage(path: path, "virtual size \(requested) is negative") }
+    // A sparse extent of capacity 0 is taken by qemu for a descriptor, and an extent line
+    // of 0 sectors is refused by readers: a VMDK of 0 bytes cannot be read back.
+    guard requested > 0 else {
+      throw ImageError.usage(path: path, "virtual size \(requested): a VMDK must hold at least one sector (qemu-img cannot open an empty one)")
+    }
     // A sparse extent's grain directory may have 32 Mi entries (qemu's limit, and the
     // reader's): 1 PiB. Split images are read back with at most 1024 extents: 2 TiB.
     let limit: Int64 = settings.subformat.isSplit ? 1024 * VMDKWriterGeometry.splitExtentBytes : 1 << 50

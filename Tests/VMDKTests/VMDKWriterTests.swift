@@ -250,6 +250,10 @@ final class VMDKWriterTests: QemuTestCase {
       }
     }
     XCTAssertEqual(try files(of: "twoGbMaxExtentFlat-5g.vmdk").count, 4)
+    // qemu-img makes a 0-byte VMDK it cannot open; lacuna refuses to make one.
+    let empty = try lacuna(["create", "-f", "vmdk", path("empty.vmdk"), "0"], in: dir)
+    XCTAssertEqual(empty.status, 2, empty.stderr)
+    XCTAssertTrue(empty.stderr.contains("at least one sector"), empty.stderr)
     // An overlay on a VMDK, its size taken from the parent.
     let outcome = try lacuna(["create", "-f", "vmdk", "-b", "monolithicSparse.vmdk", "-F", "vmdk", path("overlay.vmdk")], in: dir)
     XCTAssertEqual(outcome.status, 0, outcome.stderr)
@@ -321,6 +325,23 @@ final class VMDKWriterTests: QemuTestCase {
     }
   }
 
+  /// The descriptor cannot be committed after the extent files were: they are removed
+  /// (`removeCommitted`), so nothing is left of the output.
+  func testFailureAfterExtentsCommittedRemovesThem() throws {
+    let main = try FailingCommit(OutputFile(creatingBeside: path("late.vmdk")))
+    let companions = TestCompanions(directory: dir.path, outputName: "late.vmdk")
+    let writer = try VMDK.format.create!(
+      main, 3 << 30, WriterOptions(options: ["subformat": "twoGbMaxExtentSparse"], companions: companions))
+    let data = [UInt8](repeating: 0x5a, count: 65536)
+    try data.withUnsafeBytes {
+      try writer.write($0, at: 1 << 20)
+      try writer.write($0, at: 2 << 30)
+    }
+    XCTAssertThrowsError(try writer.finish()) { XCTAssertTrue("\($0)".contains("refused for the test"), "\($0)") }
+    XCTAssertEqual(companions.committed, 2, "both extents were committed before the descriptor")
+    XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir.path), [])
+  }
+
   /// A 1 TiB disk with a few megabytes of data: memory stays far below anything
   /// proportional to the disk, and the file is no larger than qemu-img's (whose tables for
   /// the whole disk are placed, as holes, at the front).
@@ -337,4 +358,40 @@ final class VMDKWriterTests: QemuTestCase {
       try judge.assertCheckClean(ours, format: "vmdk")
     }
   }
+}
+
+/// A target that refuses to be committed: the last step of a VMDK output fails.
+private final class FailingCommit: ByteTarget {
+  let inner: OutputFile
+  init(_ inner: OutputFile) { self.inner = inner }
+  var name: String { inner.name }
+  var isSequential: Bool { false }
+  func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64) throws { try inner.write(bytes, at: offset) }
+  func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws -> Int { try inner.read(into: buffer, at: offset) }
+  func size() throws -> Int64 { try inner.size() }
+  func truncate(to size: Int64) throws { try inner.truncate(to: size) }
+  func allocate(_ range: Range<Int64>) throws { try inner.allocate(range) }
+  func punchHole(_ range: Range<Int64>) throws -> Bool { try inner.punchHole(range) }
+  func flush() throws { try inner.flush() }
+  func commit() throws { throw ImageError.invalid(path: name, "commit refused for the test") }
+  func abandon() { inner.abandon() }
+}
+
+/// Companion files made beside the output, as the engine's `OutputCompanions` makes them.
+private final class TestCompanions: CompanionTargets {
+  let directory: String
+  let outputName: String
+  private var made: [OutputFile] = []
+  init(directory: String, outputName: String) {
+    self.directory = directory
+    self.outputName = outputName
+  }
+  var committed: Int { made.filter(\.isCommitted).count }
+  func create(named name: String) throws -> ByteTarget {
+    let file = try OutputFile(creatingBeside: directory + "/" + name)
+    file.synchronizes = false
+    made.append(file)
+    return file
+  }
+  func removeCommitted() { for file in made where file.isCommitted { unlink(file.finalPath) } }
 }
