@@ -65,9 +65,7 @@ public final class VMDKStreamWriter: PreparingImageWriter {
     directory = [UInt32](repeating: 0, count: Int(tables))
     end = Int64(Self.overHead) * 512
     let zeros = [UInt8](repeating: 0, count: Self.grainBytes)
-    zeroGrainPayload = try zeros.withUnsafeBytes { grain in
-      try ZlibStreamDeflater().withTemporaryRecord(grain) { Array($0) }
-    }
+    zeroGrainPayload = try zeros.withUnsafeBytes { Array(try ZlibStreamDeflater().record($0, lba: 0).dropFirst(8)) }
   }
 
   public var granularity: Int { Self.grainBytes }
@@ -309,11 +307,5 @@ extension ZlibStreamDeflater {
     LittleEndianWriter.store(UInt32(length), at: 8, in: &bytes)
     let padded = (12 + length + 511) / 512 * 512
     return bytes[0..<padded]
-  }
-
-  /// The record of `grain` less its 8-byte LBA, handed to `body`.
-  func withTemporaryRecord<T>(_ grain: UnsafeRawBufferPointer, _ body: (ArraySlice<UInt8>) throws -> T) throws -> T {
-    let whole = try record(grain, lba: 0)
-    return try body(whole[8...])
   }
 }
