@@ -34,7 +34,7 @@ struct ConvertCommand: ParsableCommand {
   @Option(name: .customShort("S"), help: "Zero runs of this size are left as holes (default 4k; 0 writes everything).")
   var sparseSize: String = "4k"
 
-  @Flag(name: .customShort("c"), help: "Compress the output (qcow2).")
+  @Flag(name: .customShort("c"), help: "Compress the output (qcow2; VMDK streamOptimized always is).")
   var compress = false
 
   @Option(name: .customShort("B"), help: "The backing file the output records.")

@@ -22,13 +22,14 @@ struct Lacuna: ParsableCommand {
     commandName: "lacuna",
     abstract: "Convert virtual-machine disk images, keeping their holes.",
     discussion: """
-      lacuna reads raw, qcow2 (with backing chains), VMDK (monolithicSparse, \
-      streamOptimized), VHD (fixed, dynamic, differencing), VHDX and VDI images, asks each layer \
-      which ranges hold data, reads only those, and writes sparse output. Flags mean what they mean in \
-      qemu-img.
+      lacuna reads and writes raw, qcow2 (with backing chains), VMDK (every subformat qemu-img \
+      writes, streamOptimized for VMware), VHD (vpc: fixed for Azure, dynamic), VHDX and VDI \
+      images, from files, block devices and NBD servers; it asks each layer which ranges hold \
+      data, reads only those, and writes sparse output. Flags mean what they mean in qemu-img.
 
       Examples:
         lacuna convert -O raw disk.qcow2 disk.img
+        lacuna convert -O vmdk -o subformat=streamOptimized disk.qcow2 disk.vmdk
         lacuna info --output=json disk.qcow2
         lacuna map --output=json disk.img
       """,
