@@ -15,9 +15,6 @@ struct VHDFooter {
   static let cookie: [UInt8] = Array("conectix".utf8)
   /// qemu's limit on the virtual size in sectors (2040 GiB): larger images are refused.
   static let maximumSectors: UInt64 = 0xFF00_0000
-  /// The largest geometry (65535 cylinders, 16 heads, 255 sectors per track): a footer
-  /// that records it says its current size is the truth.
-  static let maximumGeometry = (cylinders: 65535, heads: 16, sectorsPerTrack: 255)
   /// Creators whose footer's current size is the disk's size; every other creator's disk
   /// is as large as its CHS geometry (Virtual PC's rule, kept by qemu).
   static let currentSizeCreators: Set<String> = ["win ", "qem2", "d2v ", "CTXS", "tap\0"]
@@ -83,8 +80,7 @@ struct VHDFooter {
   func virtualSize(path: String) throws -> Int64 {
     let usesGeometry =
       !Self.currentSizeCreators.contains(creatorApplication)
-      && !(cylinders == Self.maximumGeometry.cylinders && heads == Self.maximumGeometry.heads
-        && sectorsPerTrack == Self.maximumGeometry.sectorsPerTrack)
+      && VHDGeometry(cylinders: cylinders, heads: heads, sectorsPerTrack: sectorsPerTrack) != .maximum
     // At most 65535 * 255 * 255 sectors: no overflow.
     let sectors = usesGeometry ? UInt64(cylinders * heads * sectorsPerTrack) : currentSize / 512
     guard sectors <= Self.maximumSectors else {

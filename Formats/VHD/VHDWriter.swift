@@ -66,6 +66,9 @@ public final class VHDWriter: ImageWriter {
       dataOffset: settings.subformat == .dynamic ? UInt64(Self.headerOffset) : UInt64.max,
       timestamp: Self.now(), creator: disk.creator, size: UInt64(disk.size), geometry: disk.geometry,
       uniqueID: Self.randomUniqueID())
+    // The file takes its final length at once, as qemu-img's does: data written inside
+    // the file is cheaper for the file system than writes that extend it.
+    if settings.subformat == .fixed { try target.truncate(to: disk.size + Int64(VHDFooter.length)) }
   }
 
   /// The BAT's length in the file: 4 bytes an entry, padded to a sector.
