@@ -66,8 +66,8 @@ public final class VHDWriter: ImageWriter {
       dataOffset: settings.subformat == .dynamic ? UInt64(Self.headerOffset) : UInt64.max,
       timestamp: Self.now(), creator: disk.creator, size: UInt64(disk.size), geometry: disk.geometry,
       uniqueID: Self.randomUniqueID())
-    // The file takes its final length at once, as qemu-img's does: data written inside
-    // the file is cheaper for the file system than writes that extend it.
+    // The file has its final length from the start, as qemu-img's has; the footer comes
+    // at the end.
     if settings.subformat == .fixed { try target.truncate(to: disk.size + Int64(VHDFooter.length)) }
   }
 
