@@ -89,14 +89,20 @@ enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
   case human, json
 }
 
-/// Parses `-o key=value,key=value`. qemu-img's `,,` escape stands for a literal comma.
+/// Parses `-o key=value,key=value`. qemu-img's `,,` escape stands for a literal comma, and
+/// a key alone is a flag set to `on` (`-o subformat=fixed,force_size`, as Azure's
+/// documentation spells it).
 func parseOptions(_ list: [String]) throws -> [String: String] {
   var result: [String: String] = [:]
   for text in list {
     let parts = text.replacingOccurrences(of: ",,", with: "\u{0}").split(separator: ",")
     for part in parts {
       let item = part.replacingOccurrences(of: "\u{0}", with: ",")
-      guard let equals = item.firstIndex(of: "="), equals != item.startIndex else {
+      guard let equals = item.firstIndex(of: "=") else {
+        result[item] = "on"
+        continue
+      }
+      guard equals != item.startIndex else {
         throw ValidationError("option '\(item)' is not key=value")
       }
       result[String(item[..<equals])] = String(item[item.index(after: equals)...])
