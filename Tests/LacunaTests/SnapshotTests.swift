@@ -229,6 +229,32 @@ final class SnapshotTests: QemuTestCase {
     }
   }
 
+  /// Listing reads the table only: a snapshot whose L1 table holds garbage is listed, the
+  /// active state and the other snapshots convert, and converting that one is refused.
+  func testSnapshotL1TablesAreReadOnlyWhenConverted() throws {
+    let image = try makeImage()
+    var patched = try PatchableImage(bytes: [UInt8](Data(contentsOf: URL(fileURLWithPath: path(image)))))
+    let (l1Offset, l1Size) = firstSnapshotL1(patched)
+    let garbage = (patched.bytes.count + 65535) / 65536 * 65536
+    patched.replace(at: garbage, with: [UInt8](repeating: 0xff, count: 65536))
+    let extra = be(0) + be(64 << 20) + be(0)
+    installTable(
+      [
+        SnapshotEntry(l1Offset: l1Offset, l1Size: l1Size, id: "1", name: "good", extra: extra),
+        SnapshotEntry(l1Offset: UInt64(garbage), l1Size: 1, id: "2", name: "bad", extra: extra),
+      ], in: &patched)
+    try Data(patched.bytes).write(to: URL(fileURLWithPath: path("garbage.qcow2")))
+    let info = try lacuna("info", "garbage.qcow2", in: dir)
+    XCTAssertEqual(info.status, 0, info.stderr)
+    XCTAssertTrue(info.stdout.contains("2         bad"), info.stdout)
+    XCTAssertEqual(try lacuna("convert", "-O", "raw", "garbage.qcow2", "active.raw", in: dir).status, 0)
+    XCTAssertEqual(try lacuna("convert", "-O", "raw", "-l", "good", "garbage.qcow2", "good.raw", in: dir).status, 0)
+    let bad = try lacuna("convert", "-O", "raw", "-l", "bad", "garbage.qcow2", "bad.raw", in: dir)
+    XCTAssertEqual(bad.status, 1)
+    XCTAssertTrue(bad.stderr.contains("garbage.qcow2: L1 entry 0 has reserved bits set"), bad.stderr)
+    XCTAssertFalse(FileManager.default.fileExists(atPath: path("bad.raw")))
+  }
+
   // MARK: - Making snapshot tables by hand (docs/interop/qcow2.txt, "Snapshot table")
 
   struct SnapshotEntry {
