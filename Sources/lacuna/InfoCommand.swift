@@ -80,13 +80,13 @@ struct InfoCommand: ParsableCommand {
     ]
     if let allocated = try layer.source.allocatedSize() { lines.append("disk size: \(humanSize(allocated))") }
     if let cluster = layer.clusterSize { lines.append("cluster_size: \(cluster)") }
+    if layer.isDirty { lines.append("cleanly shut down: no") }
     if let backing = layer.backing {
       let full = Resolver.path(of: backing.name, heldBy: layer.path)
       lines.append("backing file: \(backing.name)" + (full == backing.name ? "" : " (actual path: \(full))"))
       if let format = backing.format { lines.append("backing file format: \(format)") }
     }
     if !layer.snapshots.isEmpty { lines += SnapshotOption.humanLines(layer.snapshots) }
-    if layer.isDirty { lines.append("dirty flag: true") }
     if !layer.formatSpecific.isEmpty {
       lines.append("Format specific information:")
       for (key, value) in layer.formatSpecific { lines += humanLines(key, value, indent: 4) }

@@ -43,6 +43,22 @@ final class SnapshotTests: QemuTestCase {
     XCTAssertTrue(json.stdout.contains("\"name\": \"third with space\""))
   }
 
+  /// An image left dirty (lazy refcounts, qemu-io killed) with a snapshot, on a backing
+  /// file: the lines around the snapshot list stay in qemu-img's order.
+  func testDirtyOverlayWithSnapshotPrintsAsQemuImg() throws {
+    try qemuImgOK("create", "-q", "-f", "qcow2", "base.qcow2", "16M")
+    try qemuImgOK("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", "-b", "base.qcow2", "-F", "qcow2", "dirty.qcow2")
+    try qemuImgOK("snapshot", "-c", "before", "dirty.qcow2")
+    _ = try runProgram(which("qemu-io")!, ["-c", "write -P 0x5 0 64k", "-c", "sigraise 9", "dirty.qcow2"], in: dir)
+    let human = try lacuna("info", "dirty.qcow2", in: dir)
+    XCTAssertEqual(human.status, 0, human.stderr)
+    let theirs = try qemuImgOK("info", "dirty.qcow2")
+    XCTAssertTrue(theirs.contains("cleanly shut down: no"), "qemu-io did not leave the image dirty: \(theirs)")
+    XCTAssertEqual(human.stdout, theirs)
+    let json = try lacuna("info", "--output=json", "dirty.qcow2", in: dir)
+    XCTAssertEqual(json.stdout, try qemuImgOK("info", "--output=json", "dirty.qcow2"))
+  }
+
   /// Entries qemu-img does not make today: without icount (an older qemu), without any
   /// extra data (disk size and 64-bit VM state absent), with a 5 GiB VM state and a VM
   /// clock of 100 hours; `info` must still print what qemu-img prints.
