@@ -39,7 +39,8 @@ enum SnapshotTable {
         .invalid(path: path, "snapshot table entry \(index) at \(hex(offset)) \(message)")
       }
       offset = (offset + 7) / 8 * 8
-      let fixed = try window.bytes(at: offset, count: QCOW2Header.minimumSnapshotEntryBytes, entry: index)
+      let fixed = try window.bytes(
+        at: offset, count: QCOW2Header.minimumSnapshotEntryBytes, what: "snapshot table entry \(index)")
       let rawL1Offset = fixed.uint64(at: 0)!
       let rawL1Size = fixed.uint32(at: 8)!
       let idLength = Int(fixed.uint16(at: 12)!)
@@ -61,7 +62,9 @@ enum SnapshotTable {
         throw entryDamage(
           "ends \(entryEnd - tableStart) bytes into the snapshot table, past qemu's limit of \(maximumTableBytes) bytes")
       }
-      let variable = try window.bytes(at: variableStart, count: variableLength, entry: index)
+      let variable = try window.bytes(
+        at: variableStart, count: variableLength,
+        what: "extra data, id and name of snapshot table entry \(index) (at \(hex(offset)))")
 
       var diskSize: UInt64?
       var icount: UInt64?
@@ -131,16 +134,16 @@ enum SnapshotTable {
       self.fileSize = fileSize
     }
 
-    /// `count` bytes at `offset` of the file, for table entry `entry`.
-    mutating func bytes(at offset: Int64, count: Int, entry: Int) throws -> BigEndianReader {
+    /// `count` bytes at `offset` of the file; `what` names them in errors.
+    mutating func bytes(at offset: Int64, count: Int, what: @autoclosure () -> String) throws -> BigEndianReader {
       guard offset + Int64(count) <= fileSize else {
         throw ImageError.invalid(
           path: source.name,
-          "snapshot table entry \(entry) at \(hex(offset)) (\(count) bytes) runs past the end of the file (size \(hex(fileSize)))")
+          "\(what()) (\(count) bytes at \(hex(offset))) would end past the end of the file (size \(hex(fileSize)))")
       }
       if offset < start || offset + Int64(count) > start + Int64(bytes.count) {
         let length = Int(min(fileSize - offset, Int64(max(count, SnapshotTable.windowBytes))))
-        bytes = try source.readBytes(count: length, at: offset, what: "snapshot table entry \(entry)")
+        bytes = try source.readBytes(count: length, at: offset, what: what())
         start = offset
       }
       let from = Int(offset - start)

@@ -194,13 +194,13 @@ final class SnapshotTests: QemuTestCase {
     copy = original
     installTable([good], in: &copy)
     copy.set(UInt32(20_000), at: 60)  // 20000 entries would fit by their fixed parts, not in fact
-    damaged.append(("huge count", copy, "runs past the end of the file"))
+    damaged.append(("huge count", copy, "past the end of the file"))
 
     copy = original
     var longName = good
     longName.nameLengthOverride = 65535
     installTable([good, longName], in: &copy)
-    damaged.append(("name length beyond the table", copy, "runs past the end of the file"))
+    damaged.append(("name length beyond the table", copy, "would end past the end of the file"))
 
     copy = original
     var lost = good
