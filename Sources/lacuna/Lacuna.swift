@@ -130,14 +130,15 @@ func takeBackingOptions(
   return (backing, format)
 }
 
-/// Formats a byte count as qemu-img does in its human output ("5 MiB", "1.5 GiB").
+/// Formats a byte count as qemu-img does in its human output ("5 MiB", "1.5 GiB", "0 B"):
+/// three significant digits, and the next unit up from 1000 of the one below ("0.977 KiB"
+/// for 1000 bytes), as qemu's size_to_str picks it.
 func humanSize(_ bytes: Int64) -> String {
-  let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
-  var value = Double(bytes)
-  var unit = 0
-  while value >= 1024 && unit < units.count - 1 {
-    value /= 1024
-    unit += 1
-  }
-  return String(format: "%0.3g", value) + " " + units[unit]
+  let suffixes = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"]
+  let value = Double(max(bytes, 0))
+  // One less than the exponent of value * 1024 / 1000 is floor(log2) of it; every ten a unit.
+  let exponent = frexp(value / (1000.0 / 1024.0)).1
+  let unit = min(suffixes.count - 1, max(0, (exponent - 1) / 10))
+  let divisor = Double(UInt64(1) << UInt64(unit * 10))
+  return String(format: "%0.3g", value / divisor) + " " + suffixes[unit] + "B"
 }
