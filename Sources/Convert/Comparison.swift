@@ -153,8 +153,8 @@ private final class Walk {
     var unitBytes = 0
     while position < end {
       let range = window.range(from: position, to: end)
-      let extents1 = try allocation { try comparison.first.extents(in: range) }
-      let extents2 = try allocation { try comparison.second.extents(in: range) }
+      let extents1 = try extents(of: comparison.first, in: range)
+      let extents2 = try extents(of: comparison.second, in: range)
       window.adjust(after: max(extents1.count, extents2.count))
       var index1 = 0
       var index2 = 0
@@ -206,7 +206,7 @@ private final class Walk {
     let isFirst = chain === comparison.first
     while position < end {
       let range = window.range(from: position, to: end)
-      let extents = try allocation { try chain.extents(in: range) }
+      let extents = try self.extents(of: chain, in: range)
       window.adjust(after: extents.count)
       for extent in extents {
         guard extent.kind == .data else {
@@ -265,6 +265,19 @@ private final class Walk {
     comparison.progress?(done, total)
   }
 
+  /// The chain's extents of `range`, which may reach past the disk's end into the last
+  /// sector: that tail reads zeros, and qemu reports it as a raw file's hole (allocated,
+  /// zero, at the same offset in the file).
+  private func extents(of chain: Chain, in range: Range<Int64>) throws -> [LayeredExtent] {
+    var extents = try allocation { try chain.extents(in: range) }
+    if range.upperBound > chain.virtualSize, var last = extents.last, last.range.lowerBound >= chain.virtualSize {
+      last.present = true
+      last.hostOffset = last.range.lowerBound
+      extents[extents.count - 1] = last
+    }
+    return extents
+  }
+
   private func allocation<T>(_ body: () throws -> T) throws -> T {
     do { return try body() } catch { throw ComparisonFailure(step: .allocation, cause: error) }
   }
@@ -281,9 +294,10 @@ private final class Walk {
     var span: Int64 = 64 << 20
     while true {
       let start = max(0, size - span)
-      let extents = try allocation { try chain.extents(in: start..<min(size, chain.virtualSize)) }
+      let extents = try self.extents(of: chain, in: start..<size)
       guard var last = extents.last else { return size }
-      for extent in extents.dropLast().reversed() where extent.canMerge(with: last) {
+      for extent in extents.dropLast().reversed() {
+        guard extent.canMerge(with: last) else { break }
         last.range = extent.range.lowerBound..<last.range.upperBound
       }
       if last.range.lowerBound > start || start == 0 { return last.range.lowerBound }
