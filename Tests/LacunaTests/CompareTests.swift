@@ -2,6 +2,10 @@ import Foundation
 import TestSupport
 import XCTest
 
+#if canImport(Glibc)
+  import Glibc
+#endif
+
 /// `lacuna compare` against `qemu-img compare` on the same pairs: the same exit status and
 /// the same lines on standard output.
 final class CompareTests: QemuTestCase {
@@ -173,6 +177,21 @@ final class CompareTests: QemuTestCase {
       XCTAssertEqual(ours.stdout, "")
       XCTAssertEqual(ours.stderr.split(separator: "\n").count, 1, ours.stderr)
     }
+  }
+
+  /// A qcow2 whose data lies past the end of its file: qemu-img reads zeros there; lacuna
+  /// stops with exit 3 (the allocation query failed) and one line naming the image.
+  func testDamagedImageIsAnError() throws {
+    try qemuImgOK("create", "-q", "-f", "qcow2", "cut.qcow2", "4M")
+    try qemuIO("cut.qcow2", "write -P 1 0 1M", "write -P 2 2M 1M")
+    try qemuImgOK("create", "-q", "-f", "qcow2", "whole.qcow2", "4M")
+    try qemuIO("whole.qcow2", "write -P 1 0 1M", "write -P 2 2M 1M")
+    XCTAssertEqual(truncate(path("cut.qcow2"), 1_500_000), 0)
+    let ours = try lacuna("compare", "cut.qcow2", "whole.qcow2", in: dir)
+    XCTAssertEqual(ours.status, 3, ours.stderr)
+    XCTAssertEqual(ours.stdout, "")
+    XCTAssertEqual(ours.stderr.split(separator: "\n").count, 1, ours.stderr)
+    XCTAssertTrue(ours.stderr.contains("cut.qcow2"), ours.stderr)
   }
 
   /// qemu-img's `-p`: progress lines ended by a carriage return, the verdict, an empty line.
