@@ -26,6 +26,10 @@ struct CompareCommand: ParsableCommand {
       skipped, where one side is zero only the other is read, and both sides are read in \
       units of 2 MiB on worker threads.
 
+      Stricter than qemu-img: a damaged image (data past the end of its file, a broken \
+      table) is an error (exit 3 or 4) rather than zeros, and an empty file is refused \
+      unless -f raw says it is an empty disk.
+
       Examples:
         lacuna compare disk.img disk.qcow2
         lacuna compare -f raw -F qcow2 -p disk.img disk.qcow2
@@ -46,6 +50,9 @@ struct CompareCommand: ParsableCommand {
 
   @Flag(name: .customShort("q"), help: "Print nothing; the exit status tells.")
   var quiet = false
+
+  @Option(name: .customShort("T"), help: "qemu-img's cache mode for the images; accepted and ignored (lacuna only reads).")
+  var cacheMode: String?
 
   @Option(name: .customShort("m"), help: "Worker threads.")
   var threads: Int?

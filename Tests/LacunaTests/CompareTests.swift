@@ -165,6 +165,11 @@ final class CompareTests: QemuTestCase {
     try qemuIO("other-mid.qcow2", "write -P 0x24 5M 512")
     try qemuIO("other-base.qcow2", "write -P 0x25 6M 4k")
     try judge("top.qcow2", "other-top.qcow2")
+    // An untrusted image may not make lacuna open its backing file.
+    let refused = try lacuna("compare", "--untrusted", "top.qcow2", "flat.qcow2", in: dir)
+    XCTAssertEqual(refused.status, 2, refused.stderr)
+    XCTAssertEqual(refused.stderr.split(separator: "\n").count, 1, refused.stderr)
+    XCTAssertEqual(try lacuna("compare", "--untrusted", "flat.raw", "flat.qcow2", in: dir).status, 0)
   }
 
   func testErrorsAreOneLine() throws {
