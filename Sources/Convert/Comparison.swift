@@ -120,6 +120,34 @@ private struct Piece {
   var second: Side?
 }
 
+/// Where qemu's status runs of a disk end at an end: its block status flags a run that
+/// reaches the end of the image (EOF), and strict mode compares that flag too. A run that
+/// no layer holds carries the bottom layer's flag, which reaches the bottom layer's end.
+private struct RunEnds {
+  /// Where the last run of the whole disk starts.
+  var last: Int64
+  /// The bottom layer's size (in sectors) and where the disk's last run before it starts,
+  /// for a bottom layer shorter than the disk.
+  var bottom: (size: Int64, last: Int64)?
+  let bottomDepth: Int
+
+  init(of chain: Chain, size: Int64, walk: Walk) throws {
+    last = try walk.lastRunStart(chain, size: size)
+    bottomDepth = chain.layers.count - 1
+    let bottomSize = roundedUp(chain.layers[bottomDepth].virtualSize, to: Comparison.sector) ?? size
+    if bottomDepth > 0 && bottomSize < size && bottomSize > 0 {
+      bottom = (bottomSize, try walk.lastRunStart(chain, size: bottomSize))
+    }
+  }
+
+  /// Whether qemu flags the run holding `at` (in `extent`) as reaching the end.
+  func reachesEnd(_ extent: LayeredExtent, at: Int64) -> Bool {
+    if at >= last { return true }
+    guard let bottom, !extent.present, extent.depth == bottomDepth else { return false }
+    return at >= bottom.last && at < bottom.size
+  }
+}
+
 /// The state of one comparison: the ordered pipeline of read-and-compare units.
 private final class Walk {
   let comparison: Comparison
@@ -145,8 +173,8 @@ private final class Walk {
 
   /// Compares `0..<end`, where both disks exist. Returns the first finding, or nil.
   func commonPart(size1: Int64, size2: Int64, end: Int64) throws -> ComparisonOutcome? {
-    let eofStart1 = comparison.strict ? try lastRunStart(comparison.first, size: size1) : 0
-    let eofStart2 = comparison.strict ? try lastRunStart(comparison.second, size: size2) : 0
+    let ends1 = comparison.strict ? try RunEnds(of: comparison.first, size: size1, walk: self) : nil
+    let ends2 = comparison.strict ? try RunEnds(of: comparison.second, size: size2, walk: self) : nil
     var window = AdaptiveWindow(minimum: 64 << 20)
     var position: Int64 = 0
     var unit: [Piece] = []
@@ -165,7 +193,7 @@ private final class Walk {
         let a = extents1[index1]
         let b = extents2[index2]
         let piece = at..<min(a.range.upperBound, b.range.upperBound)
-        if comparison.strict && status(a, eof: at >= eofStart1) != status(b, eof: at >= eofStart2) {
+        if let ends1, let ends2, status(a, eof: ends1.reachesEnd(a, at: at)) != status(b, eof: ends2.reachesEnd(b, at: at)) {
           if let offset = try flush(&unit, &unitBytes, draining: true) { return .contentMismatch(offset: offset) }
           return .statusMismatch(offset: at)
         }
@@ -265,11 +293,18 @@ private final class Walk {
     comparison.progress?(done, total)
   }
 
-  /// The chain's extents of `range`, which may reach past the disk's end into the last
-  /// sector: that tail reads zeros, and qemu reports it as a raw file's hole (allocated,
-  /// zero, at the same offset in the file).
+  /// The chain's extents of `range`, with qemu's allocation status where it differs from
+  /// `map`'s: zeros past the end of a shorter backing file count as allocated by the layer
+  /// above it (qemu says so in `bdrv_block_status_above`). The range may reach past the
+  /// disk's end into the last sector: that tail reads zeros, and qemu reports it as a raw
+  /// file's hole (allocated, zero, at the same offset in the file).
   private func extents(of chain: Chain, in range: Range<Int64>) throws -> [LayeredExtent] {
     var extents = try allocation { try chain.extents(in: range) }
+    // Unallocated all the way down answers from the bottom layer; a shallower answer
+    // that is neither data nor present is a backing file's end.
+    for index in extents.indices where !extents[index].present && extents[index].depth < chain.layers.count - 1 {
+      extents[index].present = true
+    }
     if range.upperBound > chain.virtualSize, var last = extents.last, last.range.lowerBound >= chain.virtualSize {
       last.present = true
       last.hostOffset = last.range.lowerBound
@@ -290,7 +325,7 @@ private final class Walk {
 
   /// Where the last run of the disk (extents of one kind, merged) starts: qemu flags a
   /// status that reaches the end of the disk, and strict mode compares that flag too.
-  private func lastRunStart(_ chain: Chain, size: Int64) throws -> Int64 {
+  func lastRunStart(_ chain: Chain, size: Int64) throws -> Int64 {
     var span: Int64 = 64 << 20
     while true {
       let start = max(0, size - span)

@@ -165,6 +165,13 @@ final class CompareTests: QemuTestCase {
     try qemuIO("other-mid.qcow2", "write -P 0x24 5M 512")
     try qemuIO("other-base.qcow2", "write -P 0x25 6M 4k")
     try judge("top.qcow2", "other-top.qcow2")
+    // A top larger than its backing file: past the backing file's end, qemu counts the
+    // zeros as allocated (strict mode sees it).
+    try qemuImgOK("create", "-q", "-f", "qcow2", "-b", "flat.qcow2", "-F", "qcow2", "grown.qcow2", "12M")
+    try qemuIO("grown.qcow2", "write -P 0x44 10M 64k")
+    try qemuImgOK("convert", "-q", "-O", "qcow2", "grown.qcow2", "grown-flat.qcow2")
+    try judge("-s", "grown.qcow2", "grown-flat.qcow2")
+    try judge("grown.qcow2", "grown-flat.qcow2")
     // An untrusted image may not make lacuna open its backing file.
     let refused = try lacuna("compare", "--untrusted", "top.qcow2", "flat.qcow2", in: dir)
     XCTAssertEqual(refused.status, 2, refused.stderr)
