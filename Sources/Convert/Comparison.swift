@@ -104,11 +104,9 @@ public struct Comparison {
   }
 }
 
-/// What a range of one side is, for the planner.
+/// Where one side's data for a piece lies: the layer of its chain that holds it.
 private struct Side {
-  var kind: ExtentKind
   var depth: Int
-  var isData: Bool { kind == .data }
 }
 
 /// One range to read: from one side (checked for zeros) or both (compared).
@@ -199,7 +197,7 @@ private final class Walk {
         }
         if a.kind == .data || b.kind == .data {
           let runStart = max(a.range.lowerBound, b.range.lowerBound)
-          let sides = (a.kind == .data ? Side(kind: .data, depth: a.depth) : nil, b.kind == .data ? Side(kind: .data, depth: b.depth) : nil)
+          let sides = (a.kind == .data ? Side(depth: a.depth) : nil, b.kind == .data ? Side(depth: b.depth) : nil)
           var start = piece.lowerBound
           while start < piece.upperBound {
             let room = Int64(Comparison.unitSize - unitBytes)
@@ -241,7 +239,7 @@ private final class Walk {
           if unit.isEmpty && pipeline.pending == 0 { advance(to: extent.range.upperBound) }
           continue
         }
-        let side = Side(kind: .data, depth: extent.depth)
+        let side = Side(depth: extent.depth)
         var at = extent.range.lowerBound
         while at < extent.range.upperBound {
           let stop = min(extent.range.upperBound, at + Int64(Comparison.unitSize - unitBytes))
