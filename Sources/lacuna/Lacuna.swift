@@ -32,10 +32,11 @@ struct Lacuna: ParsableCommand {
         lacuna convert -O vmdk -o subformat=streamOptimized disk.qcow2 disk.vmdk
         lacuna info --output=json disk.qcow2
         lacuna map --output=json disk.img
+        lacuna compare disk.img disk.qcow2
       """,
     version: version,
     subcommands: [
-      ConvertCommand.self, CreateCommand.self, InfoCommand.self, MapCommand.self,
+      CompareCommand.self, ConvertCommand.self, CreateCommand.self, InfoCommand.self, MapCommand.self,
       SparsifyCommand.self, StreamReceiverCommand.self,
     ])
 }
