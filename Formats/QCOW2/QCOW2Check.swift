@@ -40,6 +40,7 @@ public final class QCOW2Checker {
   private let fileSize: Int64
   private let report: (String) -> Void
   private var result = QCOW2CheckResult()
+  private var signaledCorruption = false
   private var references: ReferenceCounts
   private let stored: StoredRefcounts
   private let clusterSize: Int64
@@ -96,8 +97,8 @@ public final class QCOW2Checker {
       compareRefcounts()
       try checkCopiedFlags()
     } catch {
-      // qemu stops here too (an I/O error): what was found so far is reported.
-      report("ERROR: \(error)")
+      // qemu stops at the same points; what was found so far is reported.
+      if !(error is CheckStopped) { report("ERROR: \(error)") }
       result.checkErrors += 1
     }
   }
@@ -140,14 +141,14 @@ public final class QCOW2Checker {
     for snapshot in snapshots.entries {
       if snapshot.l1Offset % UInt64(clusterSize) != 0 {
         report(
-          "ERROR snapshot \(snapshot.id) (\(snapshot.name)) l1_offset=0x\(lowerHex(snapshot.l1Offset)): L1 table is not cluster aligned; snapshot table entry corrupted"
+          "ERROR snapshot \(snapshot.id) (\(snapshot.name)) l1_offset=\(alternateHex(Int64(bitPattern: snapshot.l1Offset))): L1 table is not cluster aligned; snapshot table entry corrupted"
         )
         result.corruptions += 1
         continue
       }
       if Int(snapshot.l1Size) > QCOW2Header.maximumL1Bytes / 8 {
         report(
-          "ERROR snapshot \(snapshot.id) (\(snapshot.name)) l1_size=0x\(lowerHex(UInt64(snapshot.l1Size))): L1 table is too large; snapshot table entry corrupted"
+          "ERROR snapshot \(snapshot.id) (\(snapshot.name)) l1_size=\(alternateHex(Int64(snapshot.l1Size))): L1 table is too large; snapshot table entry corrupted"
         )
         result.corruptions += 1
         continue
@@ -165,28 +166,21 @@ public final class QCOW2Checker {
   private func checkL1(offset: Int64, count: Int, active: Bool) throws {
     countReference(offset, Int64(count) * 8)
     guard count > 0 else { return }
-    let window = 8192
-    var table = [UInt64](repeating: 0, count: min(window, count))
     var l2 = [UInt64](repeating: 0, count: header.clusterSize / 8)
-    for first in stride(from: 0, to: count, by: window) {
-      let entries = min(window, count - first)
-      try readEntries(into: &table, count: entries, at: offset + Int64(first) * 8)
-      for index in 0..<entries {
-        let entry = table[index]
-        if entry & Self.l1ReservedBits != 0 {
-          report("ERROR found L1 entry with reserved bits set: \(lowerHex(entry))")
-          result.corruptions += 1
-        }
-        let l2Offset = Int64(entry & Self.offsetBits)
-        guard l2Offset != 0 else { continue }
-        countReference(l2Offset, clusterSize)
-        if l2Offset % clusterSize != 0 {
-          report("ERROR l2_offset=\(lowerHex(l2Offset)): Table is not cluster aligned; L1 entry corrupted")
-          result.corruptions += 1
-        }
-        try readEntries(into: &l2, count: l2.count, at: l2Offset)
-        checkL2(l2, active: active)
+    try forEachNonZeroEntry(ofL1At: offset, count: count) { index, entry in
+      if entry & Self.l1ReservedBits != 0 {
+        report("ERROR found L1 entry with reserved bits set: \(lowerHex(entry))")
+        result.corruptions += 1
       }
+      let l2Offset = Int64(entry & Self.offsetBits)
+      guard l2Offset != 0 else { return }
+      countReference(l2Offset, clusterSize)
+      if l2Offset % clusterSize != 0 {
+        report("ERROR l2_offset=\(lowerHex(l2Offset)): Table is not cluster aligned; L1 entry corrupted")
+        result.corruptions += 1
+      }
+      try readEntries(into: &l2, count: l2.count, at: l2Offset)
+      checkL2(l2, active: active)
     }
   }
 
@@ -354,6 +348,13 @@ public final class QCOW2Checker {
       do {
         storedCount = try stored.refcount(of: Int64(cluster))
       } catch {
+        if let unaligned = error as? StoredRefcounts.UnalignedBlock, !signaledCorruption {
+          // qemu says this once, then counts each cluster as an internal error.
+          signaledCorruption = true
+          report(
+            "qcow2: Image is corrupt: Refblock offset \(alternateHex(unaligned.offset)) unaligned (reftable index: \(alternateHex(unaligned.tableIndex))); further non-fatal corruption events will be suppressed"
+          )
+        }
         report("Can't get refcount for cluster \(cluster): \(error)")
         result.checkErrors += 1
         continue
@@ -373,36 +374,51 @@ public final class QCOW2Checker {
   private func checkCopiedFlags() throws {
     let count = header.l1Size
     guard count > 0 else { return }
-    let window = 8192
-    var table = [UInt64](repeating: 0, count: min(window, count))
     var l2 = [UInt64](repeating: 0, count: header.clusterSize / 8)
     let extended = header.hasExtendedL2
-    for first in stride(from: 0, to: count, by: window) {
-      let entries = min(window, count - first)
-      try readEntries(into: &table, count: entries, at: header.l1TableOffset + Int64(first) * 8)
-      for index in 0..<entries {
-        let entry = table[index]
-        let l2Offset = Int64(entry & Self.offsetBits)
-        guard l2Offset != 0 else { continue }
-        guard let refcount = try? stored.refcount(of: l2Offset >> Int64(clusterBits)) else { continue }
-        if (refcount == 1) != (entry & Self.copiedBit != 0) {
+    try forEachNonZeroEntry(ofL1At: header.l1TableOffset, count: count) { index, entry in
+      let l2Offset = Int64(entry & Self.offsetBits)
+      guard l2Offset != 0 else { return }
+      guard let refcount = try? stored.refcount(of: l2Offset >> Int64(clusterBits)) else { return }
+      if (refcount == 1) != (entry & Self.copiedBit != 0) {
+        result.corruptions += 1
+        report(
+          "ERROR OFLAG_COPIED L2 cluster: l1_index=\(index) l1_entry=\(lowerHex(entry)) refcount=\(refcount)")
+      }
+      try readEntries(into: &l2, count: l2.count, at: l2Offset)
+      let entryCount = extended ? l2.count / 2 : l2.count
+      for l2Index in 0..<entryCount {
+        let l2Entry = extended ? l2[2 * l2Index] : l2[l2Index]
+        let host = Int64(l2Entry & Self.offsetBits)
+        guard l2Entry & Self.compressedBit == 0, host != 0 else { continue }
+        guard let dataRefcount = try? stored.refcount(of: host >> Int64(clusterBits)) else { continue }
+        if (dataRefcount == 1) != (l2Entry & Self.copiedBit != 0) {
           result.corruptions += 1
-          report(
-            "ERROR OFLAG_COPIED L2 cluster: l1_index=\(first + index) l1_entry=\(lowerHex(entry)) refcount=\(refcount)")
-        }
-        try readEntries(into: &l2, count: l2.count, at: l2Offset)
-        let entryCount = extended ? l2.count / 2 : l2.count
-        for l2Index in 0..<entryCount {
-          let l2Entry = extended ? l2[2 * l2Index] : l2[l2Index]
-          let host = Int64(l2Entry & Self.offsetBits)
-          guard l2Entry & Self.compressedBit == 0, host != 0 else { continue }
-          guard let dataRefcount = try? stored.refcount(of: host >> Int64(clusterBits)) else { continue }
-          if (dataRefcount == 1) != (l2Entry & Self.copiedBit != 0) {
-            result.corruptions += 1
-            report("ERROR OFLAG_COPIED data cluster: l2_entry=\(lowerHex(l2Entry)) refcount=\(dataRefcount)")
-          }
+          report("ERROR OFLAG_COPIED data cluster: l2_entry=\(lowerHex(l2Entry)) refcount=\(dataRefcount)")
         }
       }
+    }
+  }
+
+  /// Visits the non-zero entries of an L1 table. A table inside the file is walked by
+  /// `L1Table`, which skips its holes (a sparse 32 MiB table costs a few reads); one that
+  /// runs past the end reads as zeros there, as qemu reads it.
+  private func forEachNonZeroEntry(ofL1At offset: Int64, count: Int, _ visit: (Int, UInt64) throws -> Void) throws {
+    if offset > 0, offset <= fileSize - Int64(count) * 8 {
+      let table = L1Table(source: source, offset: offset, count: count)
+      var index = 0
+      while let found = try table.firstNonZero(from: index, below: count) {
+        try visit(found, try table.entry(found))
+        index = found + 1
+      }
+      return
+    }
+    let window = 8192
+    var entries = [UInt64](repeating: 0, count: min(window, count))
+    for first in stride(from: 0, to: count, by: window) {
+      let length = min(window, count - first)
+      try readEntries(into: &entries, count: length, at: offset + Int64(first) * 8)
+      for index in 0..<length where entries[index] != 0 { try visit(first + index, entries[index]) }
     }
   }
 }
@@ -414,6 +430,8 @@ private struct CheckStopped: Error, CustomStringConvertible {
 
 private func lowerHex(_ value: Int64) -> String { String(UInt64(bitPattern: value), radix: 16) }
 private func lowerHex(_ value: UInt64) -> String { String(value, radix: 16) }
+/// C's `%#lx`: `0x` before any value but zero.
+private func alternateHex(_ value: Int64) -> String { value == 0 ? "0" : "0x" + lowerHex(value) }
 
 /// One reference counter per host cluster: a byte each, with the rare count of 255 or
 /// more kept aside, so a file of n clusters costs n bytes.
@@ -467,6 +485,8 @@ final class StoredRefcounts {
 
   /// A refcount block the table points at is not cluster aligned (qemu answers EIO).
   struct UnalignedBlock: Error, CustomStringConvertible {
+    var offset: Int64
+    var tableIndex: Int64
     var description: String { "Input/output error" }
   }
 
@@ -492,7 +512,7 @@ final class StoredRefcounts {
     guard tableIndex < table.count else { return 0 }
     let offset = Int64(bitPattern: table[Int(tableIndex)] & ~0x1ff)
     guard offset != 0 else { return 0 }
-    guard offset % Int64(clusterSize) == 0 else { throw UnalignedBlock() }
+    guard offset % Int64(clusterSize) == 0 else { throw UnalignedBlock(offset: offset, tableIndex: tableIndex) }
     let block = try self.block(at: offset)
     let index = Int(cluster & ((1 << Int64(blockBits)) - 1))
     if refcountBits < 8 {
