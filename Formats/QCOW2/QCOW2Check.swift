@@ -481,7 +481,8 @@ final class StoredRefcounts {
   private var recent: [Int64] = []
   private var lastOffset: Int64 = -1
   private var lastBlock: [UInt8] = []
-  private static let blocksKept = 32
+  /// At most 8 MiB of blocks (4 of 2 MiB clusters, 128 of 64 KiB ones).
+  private var blocksKept: Int { max(4, (8 << 20) / clusterSize) }
 
   /// A refcount block the table points at is not cluster aligned (qemu answers EIO).
   struct UnalignedBlock: Error, CustomStringConvertible {
@@ -541,7 +542,7 @@ final class StoredRefcounts {
           done += n
         }
       }
-      if recent.count >= Self.blocksKept { blocks[recent.removeFirst()] = nil }
+      if recent.count >= blocksKept { blocks[recent.removeFirst()] = nil }
       blocks[offset] = bytes
       recent.append(offset)
       block = bytes
