@@ -3,6 +3,7 @@ import Convert
 import DiskImage
 import Foundation
 import QCOW2
+import VDI
 
 #if canImport(Glibc)
   import Glibc
@@ -11,7 +12,7 @@ import QCOW2
 struct CheckCommand: ParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "check",
-    abstract: "Check a qcow2 image's refcounts and tables, as qemu-img check does, without writing.",
+    abstract: "Check a qcow2 or VDI image's tables (and qcow2 refcounts), as qemu-img check does, without writing.",
     discussion: """
       Every cluster the image references (header, L1 and L2 tables, data and compressed \
       clusters, snapshots, bitmaps, refcount structures) is counted and compared with the \
@@ -23,7 +24,10 @@ struct CheckCommand: ParsableCommand {
 
       The image is opened read-only and never changed: there is no -r. To repair, write a \
       fresh image with exact refcounts: `lacuna convert -O qcow2 damaged.qcow2 repaired.qcow2`.
-      Memory follows the host file (one byte per cluster of the file), never the virtual size.
+
+      qcow2 and VDI are checked (qemu-img also checks VHDX and VMDK). The backing file is \
+      not opened: a top layer whose backing file is missing is still checked. Memory follows \
+      the host file (one byte per cluster of the file), never the virtual size.
 
       Examples:
         lacuna check disk.qcow2
@@ -61,18 +65,27 @@ struct CheckCommand: ParsableCommand {
   func run() throws {
     let source = try access.resolver.openSource(image)
     let imageFormat = try registry.format(of: source, named: format)
-    guard imageFormat.name == "qcow2" else {
-      // qemu-img has no check for raw, vpc or the stream either; it does check VDI, VHDX
-      // and VMDK, which lacuna does not yet.
-      let qemuChecks = ["vdi", "vhdx", "vmdk"].contains(imageFormat.name)
+    let report: (String) -> Void = { line in
+      if !quiet { fputs(escapingControlCharacters(line) + "\n", stderr) }
+    }
+    let result: QCOW2CheckResult
+    switch imageFormat.name {
+    case "qcow2":
+      result = try QCOW2Checker.check(source, report: report)
+    case "vdi":
+      // qemu's VDI check has corruptions only: no leaks, no allocation figures.
+      var counts = QCOW2CheckResult()
+      counts.corruptions = try VDIChecker.check(source, report: report).corruptions
+      result = counts
+    default:
+      // qemu-img has no check for raw, vpc or the stream either; it does check VHDX and
+      // VMDK, which lacuna does not yet.
+      let qemuChecks = ["vhdx", "vmdk"].contains(imageFormat.name)
       throw CommandFailure(
         message: qemuChecks
-          ? "This image format does not support checks (lacuna checks qcow2 only; qemu-img check reads \(imageFormat.name))"
+          ? "This image format does not support checks (lacuna checks qcow2 and vdi; qemu-img check reads \(imageFormat.name))"
           : "This image format does not support checks",
         status: Self.noCheckStatus)
-    }
-    let result = try QCOW2Checker.check(source) { line in
-      if !quiet { fputs(escapingControlCharacters(line) + "\n", stderr) }
     }
     if !quiet {
       switch output {

@@ -229,6 +229,30 @@ final class CheckTests: QemuTestCase {
     XCTAssertLessThan(measured.peakKiB - baseline, 16 << 10, "peak \(measured.peakKiB) KiB, baseline \(baseline) KiB")
   }
 
+  /// VDI: the block map's entries must be inside the image, unique, and as many as the
+  /// header says (qemu's whole VDI check).
+  func testVDIAgreesWithQemuImg() throws {
+    try qemuImgOK("create", "-f", "vdi", "disk.vdi", "8M")
+    try qemuIO(path("disk.vdi"), "write -P 1 0 3M")
+    try assertSameAsQemu("disk.vdi")
+    let mapOffset = try littleEndian32("disk.vdi", at: 0x154)
+    for (name, offset, value) in [
+      ("shared.vdi", mapOffset + 20, UInt32(0)), ("too-large.vdi", mapOffset + 20, 100), ("count.vdi", 0x184, 1),
+    ] {
+      try FileManager.default.copyItem(atPath: path("disk.vdi"), toPath: path(name))
+      try write(name, at: UInt64(offset), (0..<4).map { UInt8(truncatingIfNeeded: value >> (8 * $0)) })
+      let json = try assertSameAsQemu(name)
+      XCTAssertGreaterThan(integer(json, "corruptions"), 0, name)
+    }
+  }
+
+  private func littleEndian32(_ name: String, at offset: UInt64) throws -> UInt32 {
+    let handle = try XCTUnwrap(FileHandle(forReadingAtPath: path(name)))
+    defer { try? handle.close() }
+    try handle.seek(toOffset: offset)
+    return try XCTUnwrap(try handle.read(upToCount: 4)).reversed().reduce(0) { $0 << 8 | UInt32($1) }
+  }
+
   func testFormatsWithoutCheckSayItAsQemuImgDoes() throws {
     try qemuImgOK("create", "-f", "raw", "disk.img", "1M")
     try qemuImgOK("create", "-f", "vpc", "disk.vhd", "1M")
