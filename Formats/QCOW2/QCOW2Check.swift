@@ -18,6 +18,9 @@ public struct QCOW2CheckResult: Equatable, Sendable {
   /// every compressed cluster counts.
   public var fragmentedClusters: Int64 = 0
   public var compressedClusters: Int64 = 0
+  /// Set when the check could not complete (qemu's check returns an error there and
+  /// qemu-img prints no summary, only "Check failed: " and this reason).
+  public var failure: String?
 
   public init() {}
 }
@@ -38,8 +41,12 @@ public final class QCOW2Checker {
   private let source: ByteSource
   private let header: QCOW2Header
   private let fileSize: Int64
-  private let report: (String) -> Void
+  private let reportLine: (String, Bool) -> Void
   private var result = QCOW2CheckResult()
+
+  private func report(_ line: String) { reportLine(line, false) }
+  /// A line qemu-img prints through error_report, after its own name.
+  private func reportNamed(_ line: String) { reportLine(line, true) }
   private var signaledCorruption = false
   private var references: ReferenceCounts
   private let stored: StoredRefcounts
@@ -51,21 +58,27 @@ public final class QCOW2Checker {
   /// - Parameters:
   ///   - source: the image file, read only.
   ///   - report: takes each finding as a line, in qemu's words and order (qemu-img prints
-  ///     them to standard error).
+  ///     them to standard error), and whether qemu-img puts its name before the line.
   /// - Returns: the counts `qemu-img check` prints.
   /// - Throws: `ImageError` when the header cannot be read or checked: the image does not
   ///   open, as qemu-img would not open it.
-  public static func check(_ source: ByteSource, report: @escaping (String) -> Void) throws -> QCOW2CheckResult {
+  public static func check(_ source: ByteSource, report: @escaping (_ line: String, _ named: Bool) -> Void) throws
+    -> QCOW2CheckResult
+  {
     let checker = try QCOW2Checker(source: source, report: report)
     checker.run()
     return checker.result
   }
 
-  private init(source: ByteSource, report: @escaping (String) -> Void) throws {
+  private init(source: ByteSource, report: @escaping (String, Bool) -> Void) throws {
     self.source = source
-    self.report = report
+    self.reportLine = report
     fileSize = try source.size()
-    header = try QCOW2Header.read(from: source, fileSize: fileSize)
+    header = try QCOW2Header.read(from: source, fileSize: fileSize, tablesMayPassEnd: true)
+    // qemu opens no such image, so it checks none.
+    if header.autoclearFeatures & QCOW2Header.Feature.rawExternalData != 0 {
+      throw ImageError.invalid(path: source.name, "data-file-raw (autoclear bit 1) requires a data file")
+    }
     clusterBits = header.clusterBits
     clusterSize = Int64(header.clusterSize)
     let fileClusters = (fileSize + clusterSize - 1) / clusterSize
@@ -93,13 +106,17 @@ public final class QCOW2Checker {
     let virtualSize = header.virtualSize
     result.totalClusters = virtualSize / clusterSize + (virtualSize % clusterSize == 0 ? 0 : 1)
     do {
-      try countReferences()
+      let snapshots = try readSnapshotTable()
+      try countReferences(snapshots: snapshots)
       compareRefcounts()
       try checkCopiedFlags()
-    } catch {
-      // qemu stops at the same points; what was found so far is reported.
-      if !(error is CheckStopped) { report("ERROR: \(error)") }
+    } catch let stop as CheckStopped {
       result.checkErrors += 1
+      result.failure = stop.reason
+    } catch {
+      report("ERROR: \(error)")
+      result.checkErrors += 1
+      result.failure = "Input/output error"
     }
   }
 
@@ -133,11 +150,10 @@ public final class QCOW2Checker {
     }
   }
 
-  private func countReferences() throws {
+  private func countReferences(snapshots: SnapshotTable) throws {
     countReference(0, clusterSize)
     try checkL1(offset: header.l1TableOffset, count: header.l1Size, active: true)
 
-    let snapshots = try SnapshotTable.read(header: header, source: source, fileSize: fileSize)
     for snapshot in snapshots.entries {
       if snapshot.l1Offset % UInt64(clusterSize) != 0 {
         report(
@@ -201,6 +217,20 @@ public final class QCOW2Checker {
       }
     }
     for index in 0..<count { entries[index] = UInt64(bigEndian: entries[index]) }
+  }
+
+  /// Reads `count` bytes at `offset`; what lies past the end of the file reads as zeros.
+  fileprivate func readZeroFilled(count: Int, at offset: Int64) throws -> [UInt8] {
+    var bytes = [UInt8](repeating: 0, count: count)
+    try bytes.withUnsafeMutableBytes { buffer in
+      var done = 0
+      while done < count, offset + Int64(done) < fileSize {
+        let n = try source.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[done...]), at: offset + Int64(done))
+        if n == 0 { break }
+        done += n
+      }
+    }
+    return bytes
   }
 
   /// Counts what one L2 table maps, as qemu's `check_refcounts_l2`.
@@ -284,25 +314,29 @@ public final class QCOW2Checker {
     } catch {
       report("ERROR: \(error)")
       result.corruptions += 1
-      throw CheckStopped()
+      throw CheckStopped(reason: "Invalid argument")
     }
     for (offset, entries) in tables {
       countReference(offset, Int64(entries) * 8)
-      var table = [UInt64](repeating: 0, count: entries)
-      guard offset % clusterSize == 0, offset + Int64(entries) * 8 <= fileSize else {
+      guard offset % clusterSize == 0, offset <= fileSize - Int64(entries) * 8 else {
         report("ERROR: bitmap table at 0x\(lowerHex(offset)) (\(entries) entries) is not a valid table")
         result.corruptions += 1
-        throw CheckStopped()
+        throw CheckStopped(reason: "Invalid argument")
       }
-      try readEntries(into: &table, count: entries, at: offset)
-      for entry in table {
-        let dataOffset = Int64(entry & Self.offsetBits)
-        let reserved: UInt64 = 0xff00_0000_0000_01fe
-        if entry & reserved != 0 || (dataOffset != 0 && (entry & 1 != 0 || dataOffset % clusterSize != 0)) {
-          result.corruptions += 1
-          continue
+      let window = 8192
+      var table = [UInt64](repeating: 0, count: min(window, max(entries, 1)))
+      for first in stride(from: 0, to: entries, by: window) {
+        let length = min(window, entries - first)
+        try readEntries(into: &table, count: length, at: offset + Int64(first) * 8)
+        for entry in table[0..<length] {
+          let dataOffset = Int64(entry & Self.offsetBits)
+          let reserved: UInt64 = 0xff00_0000_0000_01fe
+          if entry & reserved != 0 || (dataOffset != 0 && (entry & 1 != 0 || dataOffset % clusterSize != 0)) {
+            result.corruptions += 1
+            continue
+          }
+          if dataOffset != 0 { countReference(dataOffset, clusterSize) }
         }
-        if dataOffset != 0 { countReference(dataOffset, clusterSize) }
       }
     }
   }
@@ -423,9 +457,10 @@ public final class QCOW2Checker {
   }
 }
 
-/// The check cannot go on (qemu returns an error at the same point).
-private struct CheckStopped: Error, CustomStringConvertible {
-  var description: String { "the check stopped" }
+/// The check cannot go on (qemu returns an error at the same point); `reason` is the
+/// strerror text qemu-img prints after "Check failed: ".
+private struct CheckStopped: Error {
+  var reason: String
 }
 
 private func lowerHex(_ value: Int64) -> String { String(UInt64(bitPattern: value), radix: 16) }
@@ -499,9 +534,14 @@ final class StoredRefcounts {
     blockBits = header.clusterBits + 3 - header.refcountOrder
     let count = Int(header.refcountTableClusters) * header.clusterSize / 8
     var entries = [UInt64](repeating: 0, count: count)
-    if count > 0 {
-      try entries.withUnsafeMutableBytes {
-        try source.readExactly(into: $0, at: header.refcountTableOffset, what: "refcount table")
+    // Past the end of the file the table reads as zeros, as qemu reads it.
+    try entries.withUnsafeMutableBytes { buffer in
+      var done = 0
+      let start = header.refcountTableOffset
+      while done < buffer.count, start + Int64(done) < fileSize {
+        let n = try source.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[done...]), at: start + Int64(done))
+        if n == 0 { break }
+        done += n
       }
     }
     table = entries.map { UInt64(bigEndian: $0) }
@@ -559,33 +599,69 @@ struct SnapshotTable {
   struct Entry {
     var l1Offset: UInt64
     var l1Size: UInt32
+    var extraDataSize: UInt32
     var id: String
     var name: String
   }
 
   var entries: [Entry] = []
   var byteSize: Int64 = 0
+}
 
-  static func read(header: QCOW2Header, source: ByteSource, fileSize: Int64) throws -> SnapshotTable {
+extension QCOW2Checker {
+  /// qemu's limits: extra data per snapshot, and the whole table (1 KiB per snapshot).
+  private static let maximumExtraData: UInt32 = 1024
+  private static let maximumSnapshotTableBytes: Int64 = 64 << 20
+  /// A version 3 snapshot's extra data holds at least the large VM state size and the disk size.
+  private static let version3ExtraData: UInt32 = 16
+
+  /// Reads the snapshot table as qemu's check reads it (`qcow2_check_read_snapshot_table`):
+  /// what lies past the end of the file reads as zeros; too much extra data, or a table
+  /// over 64 MiB, stops the check; a version 3 entry without the 16 bytes of extra data it
+  /// needs is a corruption.
+  fileprivate func readSnapshotTable() throws -> SnapshotTable {
     var table = SnapshotTable()
-    var offset = header.snapshotsOffset
+    // qemu validates the table's offset even when there are no snapshots.
+    let pointer = BigEndianReader(try readZeroFilled(count: 12, at: 60))
+    let rawOffset = pointer.uint64(at: 4)!
+    let tableBytes = UInt64(header.snapshotCount) * UInt64(QCOW2Header.minimumSnapshotEntryBytes)
+    if rawOffset > UInt64(Int64.max) - tableBytes || rawOffset % UInt64(clusterSize) != 0 {
+      reportNamed("ERROR snapshot table offset invalid")
+      throw CheckStopped(reason: "Invalid argument")
+    }
+    let start = header.snapshotsOffset
+    var offset = start
     for index in 0..<header.snapshotCount {
-      let fixed = BigEndianReader(
-        try source.readBytes(count: QCOW2Header.minimumSnapshotEntryBytes, at: offset, what: "snapshot table entry \(index)"))
+      offset = (offset + 7) / 8 * 8
+      let fixed = BigEndianReader(try readZeroFilled(count: QCOW2Header.minimumSnapshotEntryBytes, at: offset))
+      offset += Int64(QCOW2Header.minimumSnapshotEntryBytes)
       let idSize = Int(fixed.uint16(at: 12)!)
       let nameSize = Int(fixed.uint16(at: 14)!)
-      let extraSize = Int64(fixed.uint32(at: 36)!)
-      let namesAt = offset + Int64(QCOW2Header.minimumSnapshotEntryBytes) + extraSize
-      let names = try source.readBytes(count: idSize + nameSize, at: namesAt, what: "snapshot \(index)'s id and name")
+      let extraSize = fixed.uint32(at: 36)!
+      if extraSize > Self.maximumExtraData {
+        reportNamed("ERROR failed to read the snapshot table: Too much extra metadata in snapshot table entry \(index)")
+        throw CheckStopped(reason: "File too large")
+      }
+      offset += Int64(extraSize)
+      let names = try readZeroFilled(count: idSize + nameSize, at: offset)
+      offset += Int64(idSize + nameSize)
       table.entries.append(
-        Entry(
-          l1Offset: fixed.uint64(at: 0)!, l1Size: fixed.uint32(at: 8)!,
+        SnapshotTable.Entry(
+          l1Offset: fixed.uint64(at: 0)!, l1Size: fixed.uint32(at: 8)!, extraDataSize: extraSize,
           id: String(decoding: names[0..<idSize], as: UTF8.self),
           name: String(decoding: names[idSize...], as: UTF8.self)))
-      let end = namesAt + Int64(idSize + nameSize)
-      offset = (end + 7) / 8 * 8
+      if offset - start > Self.maximumSnapshotTableBytes {
+        reportNamed("ERROR failed to read the snapshot table: Snapshot table is too big")
+        throw CheckStopped(reason: "File too large")
+      }
     }
-    table.byteSize = offset - header.snapshotsOffset
+    table.byteSize = offset - start
+    if header.version >= 3 {
+      for (index, entry) in table.entries.enumerated() where entry.extraDataSize < Self.version3ExtraData {
+        result.corruptions += 1
+        report("ERROR snapshot table entry \(index) is incomplete")
+      }
+    }
     return table
   }
 }

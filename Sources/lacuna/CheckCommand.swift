@@ -65,8 +65,8 @@ struct CheckCommand: ParsableCommand {
   func run() throws {
     let source = try access.resolver.openSource(image)
     let imageFormat = try registry.format(of: source, named: format)
-    let report: (String) -> Void = { line in
-      if !quiet { fputs(escapingControlCharacters(line) + "\n", stderr) }
+    let report: (String, Bool) -> Void = { line, named in
+      if !quiet { fputs((named ? "lacuna: " : "") + escapingControlCharacters(line) + "\n", stderr) }
     }
     let result: QCOW2CheckResult
     switch imageFormat.name {
@@ -75,7 +75,7 @@ struct CheckCommand: ParsableCommand {
     case "vdi":
       // qemu's VDI check has corruptions only: no leaks, no allocation figures.
       var counts = QCOW2CheckResult()
-      counts.corruptions = try VDIChecker.check(source, report: report).corruptions
+      counts.corruptions = try VDIChecker.check(source) { report($0, false) }.corruptions
       result = counts
     default:
       // qemu-img has no check for raw, vpc or the stream either; it does check VHDX and
@@ -86,6 +86,10 @@ struct CheckCommand: ParsableCommand {
           ? "This image format does not support checks (lacuna checks qcow2 and vdi; qemu-img check reads \(imageFormat.name))"
           : "This image format does not support checks",
         status: Self.noCheckStatus)
+    }
+    if let failure = result.failure {
+      // qemu-img prints no summary for a check that did not complete.
+      throw CommandFailure(message: "Check failed: \(failure)")
     }
     if !quiet {
       switch output {
