@@ -32,7 +32,8 @@ final class CheckTests: QemuTestCase {
       XCTAssertEqual(
         findings(ours.stderr, prefix: "lacuna: "), findings(theirs.stderr, prefix: "qemu-img: "), "\(name) \(output)",
         file: file, line: line)
-      if output == "json" {
+      // A check that stops prints no summary, in either form.
+      if output == "json" && !theirs.stdout.isEmpty {
         let mine = try XCTUnwrap(try parseJSON(ours.stdout) as? [String: Any], file: file, line: line)
         json = try XCTUnwrap(try parseJSON(theirs.stdout) as? [String: Any], file: file, line: line)
         XCTAssertEqual(Set(mine.keys), Set(json.keys), name, file: file, line: line)
@@ -196,6 +197,29 @@ final class CheckTests: QemuTestCase {
       try self.write("z-copied.qcow2", at: layout.l2Entry(0), self.bigEndian(entry | 1 << 63))
     }
     XCTAssertEqual(integer(try assertSameAsQemu(compressed), "corruptions"), 1)
+  }
+
+  /// Damage that stops qemu's check (exit 1, "Check failed", no summary) or leaves it
+  /// unable to read refcounts (internal errors, exit 1 after the summary).
+  func testChecksThatCannotFinishAgree() throws {
+    try makeImage("clean.qcow2")
+    // The snapshot table's offset is checked even with no snapshots.
+    try FileManager.default.copyItem(atPath: path("clean.qcow2"), toPath: path("snapshot-offset.qcow2"))
+    try write("snapshot-offset.qcow2", at: 64, bigEndian(0x10200))
+    try assertSameAsQemu("snapshot-offset.qcow2")
+    let stopped = try lacuna(["check", "snapshot-offset.qcow2"], in: dir)
+    XCTAssertEqual(stopped.status, 1)
+    XCTAssertEqual(stopped.stdout, "")
+    XCTAssertTrue(stopped.stderr.contains("Check failed: Invalid argument"), stopped.stderr)
+
+    // A refcount block 512 bytes off its cluster: every refcount it holds is unreadable.
+    let name = try damaged("refblock.qcow2", from: "clean.qcow2") { layout in
+      let table = try self.uint64("refblock.qcow2", at: 48)
+      try self.write("refblock.qcow2", at: table, self.bigEndian(layout.refcountBlock + 0x200))
+    }
+    let json = try assertSameAsQemu(name)
+    XCTAssertGreaterThan(integer(json, "check-errors"), 0)
+    XCTAssertEqual(try lacuna(["check", name], in: dir).status, 1)
   }
 
   func testCheckNeverChangesTheImage() throws {
