@@ -169,6 +169,13 @@ public final class QCOW2Checker {
         result.corruptions += 1
         continue
       }
+      // Past what a file offset can be: qemu's check fails here too (its arithmetic breaks).
+      guard snapshot.l1Offset <= UInt64(Int64.max) - UInt64(snapshot.l1Size) * 8 else {
+        report(
+          "ERROR snapshot \(snapshot.id) (\(snapshot.name)) l1_offset=\(alternateHex(Int64(bitPattern: snapshot.l1Offset))): L1 table offset is beyond any file"
+        )
+        throw CheckStopped(reason: "Invalid argument")
+      }
       try checkL1(offset: Int64(snapshot.l1Offset), count: Int(snapshot.l1Size), active: false)
     }
     countReference(header.snapshotsOffset, snapshots.byteSize)
