@@ -23,7 +23,9 @@ struct CheckCommand: ParsableCommand {
       be completed (or the image does not open), 63 a format that has no check.
 
       The image is opened read-only and never changed: there is no -r. To repair, write a \
-      fresh image with exact refcounts: `lacuna convert -O qcow2 damaged.qcow2 repaired.qcow2`.
+      fresh image with exact refcounts: `lacuna convert -O qcow2 damaged.qcow2 repaired.qcow2` \
+      (internal snapshots and bitmaps are not carried over; damaged tables make convert \
+      refuse the image, naming the entry).
 
       qcow2 and VDI are checked (qemu-img also checks VHDX and VMDK). The backing file is \
       not opened: a top layer whose backing file is missing is still checked. Memory follows \

@@ -240,6 +240,20 @@ final class CheckTests: QemuTestCase {
     XCTAssertEqual(try Data(contentsOf: dir.appendingPathComponent("leak.qcow2")), before)
   }
 
+  /// The repair the help offers: a converted copy has exact refcounts and the same disk.
+  func testConvertWritesARepairedCopy() throws {
+    try makeImage("low.qcow2")
+    let layout = try layout("low.qcow2")
+    let entry = try uint64("low.qcow2", at: layout.l2Entry(16))
+    try write("low.qcow2", at: layout.refcount((entry & 0x00ff_ffff_ffff_fe00) / 65536), [0, 0])
+    XCTAssertEqual(try lacuna(["check", "low.qcow2"], in: dir).status, 2)
+    let converted = try lacuna(["convert", "-O", "qcow2", "low.qcow2", "fixed.qcow2"], in: dir)
+    XCTAssertEqual(converted.status, 0, converted.stderr)
+    let json = try assertSameAsQemu("fixed.qcow2")
+    XCTAssertEqual(integer(json, "corruptions") + integer(json, "leaks"), 0)
+    XCTAssertEqual(try qemuImg("compare", "low.qcow2", "fixed.qcow2").status, 0)
+  }
+
   /// A 2 EiB disk with three clusters: the counters follow the file (about 20 clusters),
   /// and the 32 MiB L1 table is walked through its holes.
   func testHugeVirtualSizeChecksInLittleMemory() throws {
