@@ -64,3 +64,28 @@ enum BitmapDirectory {
     return entries
   }
 }
+
+extension BitmapDirectory {
+  /// Where each bitmap's table lies and how many 8-byte entries it has, for `check`.
+  static func tables(
+    _ bitmaps: QCOW2Header.BitmapsExtension, from file: ByteSource, clusterSize: Int, fileSize: Int64
+  ) throws -> [(offset: Int64, entries: Int)] {
+    _ = try read(bitmaps, from: file, clusterSize: clusterSize, fileSize: fileSize)
+    let directory = BigEndianReader(
+      try file.readBytes(count: Int(bitmaps.directorySize), at: bitmaps.directoryOffset, what: "bitmap directory"))
+    var tables: [(offset: Int64, entries: Int)] = []
+    var position = 0
+    for _ in 0..<bitmaps.count {
+      let offset = directory.uint64(at: position)!
+      let entries = directory.uint32(at: position + 8)!
+      guard offset <= UInt64(Int64.max), Int(entries) <= maximumSize / 8 else {
+        throw ImageError.invalid(path: file.name, "bitmap table at \(hex(offset)) of \(entries) entries is out of range")
+      }
+      tables.append((Int64(offset), Int(entries)))
+      let nameSize = Int(directory.uint16(at: position + 18)!)
+      let extraSize = Int(directory.uint32(at: position + 20)!)
+      position += (24 + extraSize + nameSize + 7) / 8 * 8
+    }
+    return tables
+  }
+}

@@ -39,6 +39,8 @@ struct QCOW2Header {
     static let knownIncompatible: UInt64 = dirty | corrupt | externalDataFile | compressionType | extendedL2
     static let lazyRefcounts: UInt64 = 1 << 0
     static let bitmapsConsistent: UInt64 = 1 << 0
+    /// Autoclear bit 1: the external data file reads as a raw image.
+    static let rawExternalData: UInt64 = 1 << 1
   }
 
   enum ExtensionType {
@@ -70,8 +72,10 @@ struct QCOW2Header {
   /// The largest cluster qemu opens (2 MiB); cluster_bits beyond it are refused as unsupported.
   static let maximumClusterBits = 21
 
-  /// Reads and checks the header of `file`, whose size is `fileSize`.
-  static func read(from file: ByteSource, fileSize: Int64) throws -> QCOW2Header {
+  /// Reads and checks the header of `file`, whose size is `fileSize`. `tablesMayPassEnd`
+  /// (for `check`, as qemu opens an image to check it) lets the L1, refcount and snapshot
+  /// tables run past the end of the file, where they read as zeros.
+  static func read(from file: ByteSource, fileSize: Int64, tablesMayPassEnd: Bool = false) throws -> QCOW2Header {
     let path = file.name
     func invalid(_ message: String) -> ImageError { .invalid(path: path, message) }
     func unsupported(_ message: String) -> ImageError { .unsupported(path: path, message) }
@@ -167,7 +171,7 @@ struct QCOW2Header {
       throw invalid("extended L2 entries need clusters of at least 16 KiB, cluster_bits is \(clusterBits)")
     }
 
-    try header.readTables(from: reader, fileSize: fileSize, path: path)
+    try header.readTables(from: reader, fileSize: tablesMayPassEnd ? Int64.max : fileSize, path: path)
     try header.readBacking(from: reader, bytes: bytes, path: path)
     header.backingFormat = extensions.backingFormat
     if header.autoclearFeatures & Feature.bitmapsConsistent != 0 {

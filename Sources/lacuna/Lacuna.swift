@@ -36,7 +36,7 @@ struct Lacuna: ParsableCommand {
       """,
     version: version,
     subcommands: [
-      CompareCommand.self, ConvertCommand.self, CreateCommand.self, InfoCommand.self, MapCommand.self,
+      CheckCommand.self, CompareCommand.self, ConvertCommand.self, CreateCommand.self, InfoCommand.self, MapCommand.self,
       SparsifyCommand.self, StreamReceiverCommand.self,
     ])
 }
