@@ -150,7 +150,7 @@ public final class QCOW2Checker {
     }
   }
 
-  private func countReferences(snapshots: SnapshotTable) throws {
+  private func countReferences(snapshots: CheckedSnapshotTable) throws {
     countReference(0, clusterSize)
     try checkL1(offset: header.l1TableOffset, count: header.l1Size, active: true)
 
@@ -600,9 +600,12 @@ final class StoredRefcounts {
   }
 }
 
-/// The internal snapshots' table: where each snapshot's L1 table is, and the table's size
-/// in bytes (which qemu counts as referenced).
-struct SnapshotTable {
+/// The internal snapshots' table as the check reads it: where each snapshot's L1 table is,
+/// and the table's size in bytes (which qemu counts as referenced). Not the reader's
+/// `SnapshotTable`: the check reads the table the lenient way qemu's check does (what lies
+/// past the end reads as zeros, an incomplete entry is a finding, not a refusal), so that it
+/// can report on images the reader refuses to open.
+struct CheckedSnapshotTable {
   struct Entry {
     var l1Offset: UInt64
     var l1Size: UInt32
@@ -626,8 +629,8 @@ extension QCOW2Checker {
   /// what lies past the end of the file reads as zeros; too much extra data, or a table
   /// over 64 MiB, stops the check; a version 3 entry without the 16 bytes of extra data it
   /// needs is a corruption.
-  fileprivate func readSnapshotTable() throws -> SnapshotTable {
-    var table = SnapshotTable()
+  fileprivate func readSnapshotTable() throws -> CheckedSnapshotTable {
+    var table = CheckedSnapshotTable()
     // qemu validates the table's offset even when there are no snapshots.
     let pointer = BigEndianReader(try readZeroFilled(count: 12, at: 60))
     let rawOffset = pointer.uint64(at: 4)!
@@ -653,7 +656,7 @@ extension QCOW2Checker {
       let names = try readZeroFilled(count: idSize + nameSize, at: offset)
       offset += Int64(idSize + nameSize)
       table.entries.append(
-        SnapshotTable.Entry(
+        CheckedSnapshotTable.Entry(
           l1Offset: fixed.uint64(at: 0)!, l1Size: fixed.uint32(at: 8)!, extraDataSize: extraSize,
           id: String(decoding: names[0..<idSize], as: UTF8.self),
           name: String(decoding: names[idSize...], as: UTF8.self)))
