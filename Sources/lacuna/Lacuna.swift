@@ -34,7 +34,7 @@ struct Lacuna: ParsableCommand {
       """,
     version: version,
     subcommands: [
-      ConvertCommand.self, CreateCommand.self, InfoCommand.self, MapCommand.self,
+      ConvertCommand.self, CreateCommand.self, InfoCommand.self, MapCommand.self, MeasureCommand.self,
       SparsifyCommand.self, StreamReceiverCommand.self,
     ])
 }
