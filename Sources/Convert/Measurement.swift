@@ -83,7 +83,7 @@ public func measure(_ request: MeasureRequest, resolver: Resolver) throws -> Mea
     virtualSize = size
   }
 
-  func run(_ body: (ImageWriter) throws -> Void, compress: Bool) throws -> Int64 {
+  func run(_ body: (ImageWriter) throws -> Void, compress: Bool, fullyAllocated: Bool = false) throws -> Int64 {
     let files = MeasuringFiles(outputName: request.outputName)
     var options = request.writerOptions
     options.compress = compress
@@ -95,6 +95,10 @@ public func measure(_ request: MeasureRequest, resolver: Resolver) throws -> Mea
       // read the source to know that.
       writer.abandon()
       return virtualSize
+    }
+    if fullyAllocated, let known = writer as? FullyAllocatedLength {
+      writer.abandon()
+      return known.fullyAllocatedLength
     }
     let measured = MeasuringWriter.wrapping(writer, files: files)
     try body(measured)
@@ -112,7 +116,7 @@ public func measure(_ request: MeasureRequest, resolver: Resolver) throws -> Mea
   // it; not compressing saves trying on every cluster.
   let fullyAllocated = try run({ writer in
     try writeSynthetic(to: writer, virtualSize: virtualSize, options: request.engine, data: true)
-  }, compress: false)
+  }, compress: false, fullyAllocated: true)
   return Measurement(required: required, fullyAllocated: fullyAllocated, bitmaps: bitmaps)
 }
 
