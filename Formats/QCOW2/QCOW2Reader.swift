@@ -5,12 +5,14 @@ import DiskImage
   import Glibc
 #endif
 
-/// Reads one qcow2 layer: the active L1 table, L2 tables through a bounded cache, and the
-/// clusters they point at. Answers for this layer alone; the engine reads the backing file.
+/// Reads one qcow2 layer: the active L1 table (or an internal snapshot's), L2 tables
+/// through a bounded cache, and the clusters they point at. Answers for this layer alone;
+/// the engine reads the backing file.
 public final class QCOW2Reader: ImageReader {
   public let source: ByteSource
   public var formatName: String { "qcow2" }
-  public var virtualSize: Int64 { header.virtualSize }
+  /// The header's size, or the snapshot's when one is read.
+  public let virtualSize: Int64
   public let backing: BackingReference?
   public var clusterSize: Int? { header.clusterSize }
   public var isDirty: Bool { header.isDirty }
@@ -18,6 +20,10 @@ public final class QCOW2Reader: ImageReader {
 
   let header: QCOW2Header
   let fileSize: Int64
+  /// The snapshot table, read when the image is opened (it is small: one read for most).
+  let snapshotTable: [QCOW2Snapshot]
+  /// The snapshot this reader reads, or nil for the active state.
+  let snapshot: QCOW2Snapshot?
   private let l1Table: L1Table
   private let l2Cache: L2Cache
   private let decompressors: CodecPool
@@ -41,13 +47,33 @@ public final class QCOW2Reader: ImageReader {
   /// How many L2 tables one `extents` call visits at most; callers loop for the rest.
   static let l2TablesPerAnswer = 16
 
-  public init(source: ByteSource) throws {
+  /// Opens the qcow2 image in `source`: its active state, or with `snapshot` the internal
+  /// snapshot it names (that snapshot's L1 table and disk size; the same backing file).
+  public init(source: ByteSource, snapshot selector: SnapshotSelector? = nil) throws {
     self.source = source
     fileSize = try source.size()
     header = try QCOW2Header.read(from: source, fileSize: fileSize)
     let clusterSize = Int64(header.clusterSize)
+    snapshotTable = try SnapshotTable.read(from: source, header: header, fileSize: fileSize)
 
-    l1Table = L1Table(source: source, offset: header.l1TableOffset, count: header.l1Size)
+    if let selector {
+      guard let index = selector.index(in: snapshotTable.map(\.info)) else {
+        let count = snapshotTable.count
+        throw ImageError.invalid(
+          path: source.name,
+          "has no snapshot with \(selector) (it has \(count == 0 ? "no snapshots" : count == 1 ? "1 snapshot" : "\(count) snapshots")"
+            + (count == 0 ? ")" : "; `lacuna info` lists them)"))
+      }
+      let chosen = snapshotTable[index]
+      snapshot = chosen
+      // An entry too old to record its disk size had the image's size (qemu's reading).
+      virtualSize = chosen.diskSize ?? header.virtualSize
+      l1Table = L1Table(source: source, offset: chosen.l1TableOffset, count: chosen.l1Size)
+    } else {
+      snapshot = nil
+      virtualSize = header.virtualSize
+      l1Table = L1Table(source: source, offset: header.l1TableOffset, count: header.l1Size)
+    }
     l2Cache = L2Cache(tableBytes: header.clusterSize)
     decompressors = CodecPool(type: header.compressionType)
 
@@ -56,6 +82,10 @@ public final class QCOW2Reader: ImageReader {
     if header.l1Size > 0 {
       let start = header.l1TableOffset
       metadata.append((start..<start + roundedUp(Int64(header.l1Size) * 8), "the L1 table"))
+    }
+    if let snapshot, snapshot.l1Size > 0 {
+      let start = snapshot.l1TableOffset
+      metadata.append((start..<start + roundedUp(Int64(snapshot.l1Size) * 8), "the snapshot's L1 table"))
     }
     if header.refcountTableClusters > 0 {
       let start = header.refcountTableOffset
@@ -78,6 +108,12 @@ public final class QCOW2Reader: ImageReader {
       header.isCorrupt
       ? ["the image is marked corrupt (incompatible bit 1); reading it anyway, check the result"]
       : []
+  }
+
+  public var snapshots: [SnapshotInfo] { snapshotTable.map(\.info) }
+
+  public func opening(snapshot selector: SnapshotSelector) throws -> ImageReader {
+    try QCOW2Reader(source: source, snapshot: selector)
   }
 
   /// `format-specific.data` as qemu-img 7.2 prints it, key for key and in its order.

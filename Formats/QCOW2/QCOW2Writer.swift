@@ -389,30 +389,8 @@ public final class QCOW2Writer: PreparingImageWriter {
         path: output.name,
         "write of \(bytes.count) bytes at \(hex(offset)) is outside the virtual disk (size \(virtualSize))")
     }
-    var pendingHost: Int64 = 0
-    var pendingFrom = 0
-    var pendingCount = 0
-    var position = 0
-    while position < bytes.count {
-      let virtual = offset + Int64(position)
-      let cluster = virtual >> Int64(clusterBits)
-      let inCluster = Int(virtual - (cluster << Int64(clusterBits)))
-      let count = min(bytes.count - position, clusterSize - inCluster)
-      let target = try hostCluster(forWriting: cluster) + Int64(inCluster)
-      if pendingCount > 0 && pendingHost + Int64(pendingCount) == target {
-        pendingCount += count
-      } else {
-        if pendingCount > 0 {
-          try file.write(UnsafeRawBufferPointer(rebasing: bytes[pendingFrom..<pendingFrom + pendingCount]), at: pendingHost)
-        }
-        pendingHost = target
-        pendingFrom = position
-        pendingCount = count
-      }
-      position += count
-    }
-    if pendingCount > 0 {
-      try file.write(UnsafeRawBufferPointer(rebasing: bytes[pendingFrom..<pendingFrom + pendingCount]), at: pendingHost)
+    try writeThroughUnits(bytes, at: offset, unitSize: Int64(clusterSize), to: file) { cluster in
+      try hostCluster(forWriting: cluster)
     }
   }
 

@@ -112,30 +112,8 @@ public final class VDIWriter: ImageWriter {
     }
     // Blocks are allocated in disk order, so data that is contiguous on the disk is
     // contiguous in the file: gather it into as few `pwrite` calls as it allows.
-    var pendingHost: Int64 = 0
-    var pendingFrom = 0
-    var pendingCount = 0
-    var position = 0
-    while position < bytes.count {
-      let virtual = offset + Int64(position)
-      let block = virtual >> Self.blockBits
-      let inBlock = virtual - (block << Self.blockBits)
-      let count = Int(min(Int64(bytes.count - position), Self.blockSize - inBlock))
-      let host = try hostOffset(forWriting: block) + inBlock
-      if pendingCount > 0 && pendingHost + Int64(pendingCount) == host {
-        pendingCount += count
-      } else {
-        if pendingCount > 0 {
-          try target.write(UnsafeRawBufferPointer(rebasing: bytes[pendingFrom..<pendingFrom + pendingCount]), at: pendingHost)
-        }
-        pendingHost = host
-        pendingFrom = position
-        pendingCount = count
-      }
-      position += count
-    }
-    if pendingCount > 0 {
-      try target.write(UnsafeRawBufferPointer(rebasing: bytes[pendingFrom..<pendingFrom + pendingCount]), at: pendingHost)
+    try writeThroughUnits(bytes, at: offset, unitSize: Self.blockSize, to: target) { block in
+      try hostOffset(forWriting: block)
     }
     coveredEnd = max(coveredEnd, offset + Int64(bytes.count))
   }

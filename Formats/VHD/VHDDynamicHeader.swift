@@ -115,3 +115,29 @@ struct VHDDynamicHeader {
     return found
   }
 }
+
+extension VHDDynamicHeader {
+  /// The 1024 bytes of a dynamic disk's header, as qemu-img writes one: no next structure
+  /// (data offset all ones, the 64 bits Microsoft's tools expect rather than the 32 the
+  /// specification's text says), header version 1.0, no parent, and the checksum.
+  ///
+  /// - Parameters:
+  ///   - tableOffset: where the BAT starts in the file.
+  ///   - maxTableEntries: BAT entries, one per block of the disk.
+  ///   - blockSize: bytes of disk data per block (the sector bitmap not counted).
+  static func encode(tableOffset: UInt64, maxTableEntries: UInt32, blockSize: UInt32) -> [UInt8] {
+    var fields = BigEndianWriter(capacity: length)
+    fields.append(contentsOf: cookie)
+    fields.append(UInt64.max)  // data offset: unused
+    fields.append(tableOffset)
+    fields.append(UInt32(0x0001_0000))  // header version 1.0
+    fields.append(maxTableEntries)
+    fields.append(blockSize)
+    fields.append(UInt32(0))  // checksum, filled in below
+    var bytes = fields.bytes
+    // Parent unique id, timestamp, name and locators: none.
+    bytes += [UInt8](repeating: 0, count: length - bytes.count)
+    BigEndianWriter.store(VHDFooter.checksum(bytes, checksumOffset: 36), at: 36, in: &bytes)
+    return bytes
+  }
+}

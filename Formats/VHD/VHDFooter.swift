@@ -15,9 +15,6 @@ struct VHDFooter {
   static let cookie: [UInt8] = Array("conectix".utf8)
   /// qemu's limit on the virtual size in sectors (2040 GiB): larger images are refused.
   static let maximumSectors: UInt64 = 0xFF00_0000
-  /// The largest geometry (65535 cylinders, 16 heads, 255 sectors per track): a footer
-  /// that records it says its current size is the truth.
-  static let maximumGeometry = (cylinders: 65535, heads: 16, sectorsPerTrack: 255)
   /// Creators whose footer's current size is the disk's size; every other creator's disk
   /// is as large as its CHS geometry (Virtual PC's rule, kept by qemu).
   static let currentSizeCreators: Set<String> = ["win ", "qem2", "d2v ", "CTXS", "tap\0"]
@@ -83,8 +80,7 @@ struct VHDFooter {
   func virtualSize(path: String) throws -> Int64 {
     let usesGeometry =
       !Self.currentSizeCreators.contains(creatorApplication)
-      && !(cylinders == Self.maximumGeometry.cylinders && heads == Self.maximumGeometry.heads
-        && sectorsPerTrack == Self.maximumGeometry.sectorsPerTrack)
+      && VHDGeometry(cylinders: cylinders, heads: heads, sectorsPerTrack: sectorsPerTrack) != .maximum
     // At most 65535 * 255 * 255 sectors: no overflow.
     let sectors = usesGeometry ? UInt64(cylinders * heads * sectorsPerTrack) : currentSize / 512
     guard sectors <= Self.maximumSectors else {
@@ -93,5 +89,50 @@ struct VHDFooter {
         "VHD of \(sectors) sectors is larger than 2040 GiB (\(Self.maximumSectors) sectors), the format's limit")
     }
     return Int64(sectors) * 512
+  }
+}
+
+extension VHDFooter {
+  /// Seconds from the Unix epoch to the footer's (2000-01-01 00:00:00 UTC).
+  static let epochOffset: Int64 = 946_684_800
+
+  /// The 512 bytes of a new footer, as qemu-img writes one: features 2 (the reserved bit),
+  /// format version 1.0, creator `creator` version 5.3 (Virtual PC 2007) on `Wi2k`,
+  /// original size = current size = `size`, saved state 0, and the checksum.
+  ///
+  /// - Parameters:
+  ///   - diskType: fixed or dynamic.
+  ///   - dataOffset: where the dynamic header is; all ones for a fixed disk.
+  ///   - timestamp: seconds since 2000-01-01 00:00:00 UTC.
+  ///   - creator: four ASCII characters (`qemu`, `qem2`).
+  ///   - size: the disk's size in bytes.
+  ///   - geometry: cylinders, heads, sectors per track.
+  ///   - uniqueID: 16 bytes.
+  static func encode(
+    diskType: DiskType, dataOffset: UInt64, timestamp: UInt32, creator: String, size: UInt64,
+    geometry: VHDGeometry, uniqueID: [UInt8]
+  ) -> [UInt8] {
+    precondition(creator.utf8.count == 4 && uniqueID.count == 16)
+    var fields = BigEndianWriter(capacity: length)
+    fields.append(contentsOf: cookie)
+    fields.append(UInt32(2))  // features: the reserved bit, always set
+    fields.append(UInt32(0x0001_0000))  // file format version 1.0
+    fields.append(dataOffset)
+    fields.append(timestamp)
+    fields.append(contentsOf: creator.utf8)
+    fields.append(UInt32(0x0005_0003))  // creator version
+    fields.append(contentsOf: "Wi2k".utf8)  // creator host OS
+    fields.append(size)  // original size
+    fields.append(size)  // current size
+    fields.append(UInt16(geometry.cylinders))
+    fields.append(UInt8(geometry.heads))
+    fields.append(UInt8(geometry.sectorsPerTrack))
+    fields.append(diskType.rawValue)
+    fields.append(UInt32(0))  // checksum, filled in below
+    fields.append(contentsOf: uniqueID)
+    var bytes = fields.bytes
+    bytes += [UInt8](repeating: 0, count: length - bytes.count)  // saved state 0, reserved
+    BigEndianWriter.store(checksum(bytes, checksumOffset: 64), at: 64, in: &bytes)
+    return bytes
   }
 }

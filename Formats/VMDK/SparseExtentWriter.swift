@@ -52,28 +52,8 @@ final class SparseExtentWriter {
   /// Writes data at `offset` of the extent, allocating grains as it goes, in as few writes
   /// as the host layout allows (grains allocated one after another are contiguous).
   func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64) throws {
-    var pendingHost: Int64 = 0
-    var pendingFrom = 0
-    var pendingCount = 0
-    var position = 0
-    while position < bytes.count {
-      let virtual = offset + Int64(position)
-      let grain = virtual / grainBytes
-      let inGrain = Int(virtual - grain * grainBytes)
-      let count = min(bytes.count - position, Int(grainBytes) - inGrain)
-      let host = try hostGrain(forWriting: grain) + Int64(inGrain)
-      if pendingCount > 0 && pendingHost + Int64(pendingCount) == host {
-        pendingCount += count
-      } else {
-        if pendingCount > 0 {
-          try target.write(UnsafeRawBufferPointer(rebasing: bytes[pendingFrom..<pendingFrom + pendingCount]), at: pendingHost)
-        }
-        (pendingHost, pendingFrom, pendingCount) = (host, position, count)
-      }
-      position += count
-    }
-    if pendingCount > 0 {
-      try target.write(UnsafeRawBufferPointer(rebasing: bytes[pendingFrom..<pendingFrom + pendingCount]), at: pendingHost)
+    try writeThroughUnits(bytes, at: offset, unitSize: grainBytes, to: target) { grain in
+      try hostGrain(forWriting: grain)
     }
     try flushTables(endingBy: offset)
   }

@@ -13,6 +13,8 @@ public struct ConversionRequest {
   public var sourceFormat: String?
   /// The format of the source's backing file, when the source does not record it.
   public var sourceBackingFormat: String?
+  /// `-l`/`-s`: convert this internal snapshot of the source instead of its active state.
+  public var sourceSnapshot: SnapshotSelector?
   /// The destination's name (`-` is standard output).
   public var destination: String
   /// `-O`.
@@ -173,6 +175,9 @@ public final class Conversion {
         throw ImageError.usage(
           path: "-", "standard input can only be read as a format read from start to end (\(names)), not as \(format.name)")
       }
+      if let snapshot = request.sourceSnapshot {
+        throw ImageError.usage(path: "-", "a stream holds no internal snapshots; cannot read snapshot \(snapshot)")
+      }
       if isatty(STDIN_FILENO) != 0 {
         throw ImageError.usage(path: "-", "standard input is a terminal; pipe a stream into it")
       }
@@ -182,9 +187,14 @@ public final class Conversion {
     let source = try resolver.openSource(request.source)
     let format = try registry.format(of: source, named: request.sourceFormat)
     if format.openReader == nil, let openSequential = format.openSequential {
+      if let snapshot = request.sourceSnapshot {
+        throw ImageError.unsupported(
+          path: request.source, "\(format.name) images hold no internal snapshots; cannot read snapshot \(snapshot)")
+      }
       return .sequential(try openSequential(SequentialInput(source: source)))
     }
-    let top = try format.open(source, companions: resolver)
+    var top = try format.open(source, companions: resolver)
+    if let snapshot = request.sourceSnapshot { top = try top.opening(snapshot: snapshot) }
     return .chain(try resolver.openChain(above: top, name: request.source, backingFormat: request.sourceBackingFormat))
   }
 

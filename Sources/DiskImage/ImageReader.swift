@@ -41,6 +41,12 @@ public protocol ImageReader: AnyObject {
   /// the format records that (a VHD's parent unique id, a VHDX's parent linkage): a changed
   /// or substituted parent would give a disk nobody ever had. Throws naming this image.
   func checkBacking(_ parent: ImageReader) throws
+  /// The internal snapshots the image holds (qcow2's snapshot table), for `info`.
+  var snapshots: [SnapshotInfo] { get }
+  /// This image's disk as one of its internal snapshots left it (`convert -l`): a reader
+  /// of the same file and backing file that answers from the snapshot's tables. Throws
+  /// naming the image when no snapshot matches or the format keeps none.
+  func opening(snapshot: SnapshotSelector) throws -> ImageReader
 
   /// Contiguous extents that cover a prefix of `range`, in order, starting at
   /// `range.lowerBound`. The range is a hint: an implementation may answer for less
@@ -59,6 +65,11 @@ extension ImageReader {
   public var formatSpecific: [(String, InfoValue)] { [] }
   public var companionSources: [ByteSource] { [] }
   public func checkBacking(_ parent: ImageReader) throws {}
+  public var snapshots: [SnapshotInfo] { [] }
+  public func opening(snapshot: SnapshotSelector) throws -> ImageReader {
+    throw ImageError.unsupported(
+      path: path, "\(formatName) images hold no internal snapshots; cannot read snapshot \(snapshot)")
+  }
   public var path: String { source.name }
 
   /// Refuses a read that does not lie inside the virtual disk; every reader's `read`

@@ -86,22 +86,31 @@ final class NBDConnection {
     return ImageError.invalid(path: uri, "\(what): \(message)")
   }
 
+  /// The last error, said plainly when it is that the connection is gone (libnbd then says
+  /// "invalid state: DEAD").
+  func failure(_ what: String) -> ImageError {
+    if nbd_aio_is_dead(handle) != 0 || nbd_aio_is_closed(handle) != 0 {
+      return ImageError.invalid(path: uri, "\(what): the connection to the server was lost")
+    }
+    return NBDConnection.lastError(uri, what)
+  }
+
   /// Waits until the request `cookie` (from an `nbd_aio_*` call) is done; a failed request,
   /// a dead connection or no answer in time is an error saying `what` was asked.
   func wait(_ cookie: Int64, _ what: @autoclosure () -> String) throws {
-    guard cookie != -1 else { throw NBDConnection.lastError(uri, what()) }
+    guard cookie != -1 else { throw failure(what()) }
     let deadline = NBDConnection.now() + timeoutMilliseconds
     while true {
       switch nbd_aio_command_completed(handle, UInt64(cookie)) {
       case 1: return
-      case -1: throw NBDConnection.lastError(uri, what())
+      case -1: throw failure(what())
       default: break
       }
       let remaining = deadline - NBDConnection.now()
       guard remaining > 0 else {
         throw ImageError.invalid(path: uri, "\(what()): no answer from the server in \(timeoutMilliseconds / 1000) s")
       }
-      guard nbd_poll(handle, Int32(remaining)) != -1 else { throw NBDConnection.lastError(uri, what()) }
+      guard nbd_poll(handle, Int32(remaining)) != -1 else { throw failure(what()) }
     }
   }
 
@@ -113,7 +122,7 @@ final class NBDConnection {
       guard remaining > 0 else {
         throw ImageError.invalid(path: uri, "\(what()): no answer from the server in \(timeoutMilliseconds / 1000) s")
       }
-      guard nbd_poll(handle, Int32(remaining)) != -1 else { throw NBDConnection.lastError(uri, what()) }
+      guard nbd_poll(handle, Int32(remaining)) != -1 else { throw failure(what()) }
     }
   }
 
@@ -130,7 +139,7 @@ final class NBDConnection {
       if cookie == -1 {
         // Let the requests already sent finish before the buffer they fill goes away.
         for sent in cookies { try? wait(sent.cookie, "read") }
-        throw NBDConnection.lastError(uri, "read \(n) bytes at \(hex(at))")
+        throw failure("read \(n) bytes at \(hex(at))")
       }
       cookies.append((cookie, at, n))
       done += n

@@ -58,7 +58,7 @@ public final class NBDTarget: ByteTarget {
   private func send(_ cookie: Int64, buffer: UnsafeMutableRawBufferPointer?, range: Range<Int64>, what: String) throws {
     guard cookie != -1 else {
       buffer?.deallocate()
-      throw ImageError.advised(NBDConnection.lastError(name, what), advice: progress)
+      throw ImageError.advised(connection.failure(what), advice: progress)
     }
     pending.append((cookie, buffer, range))
     pendingBytes += buffer?.count ?? 0

@@ -8,7 +8,9 @@ struct InfoCommand: ParsableCommand {
     abstract: "Show an image's format, sizes and backing file.",
     discussion: """
       The JSON form uses qemu-img's field names (virtual-size, filename, format, \
-      actual-size, cluster-size, backing-filename, format-specific, ...).
+      actual-size, cluster-size, backing-filename, snapshots, format-specific, ...).
+      A qcow2 image's internal snapshots are listed as qemu-img lists them ("Snapshot \
+      list:", dates in local time); `lacuna convert -l` converts one of them.
 
       Examples:
         lacuna info disk.qcow2
@@ -49,6 +51,7 @@ struct InfoCommand: ParsableCommand {
   func describe(_ layer: ImageReader) throws -> InfoValue {
     var fields: [(String, InfoValue)] = []
     if let format = layer.backing?.format { fields.append(("backing-filename-format", .string(format))) }
+    if !layer.snapshots.isEmpty { fields.append(("snapshots", SnapshotOption.json(layer.snapshots))) }
     fields.append(("virtual-size", .integer(layer.virtualSize)))
     fields.append(("filename", .string(layer.path)))
     if let cluster = layer.clusterSize { fields.append(("cluster-size", .integer(Int64(cluster)))) }
@@ -77,12 +80,13 @@ struct InfoCommand: ParsableCommand {
     ]
     if let allocated = try layer.source.allocatedSize() { lines.append("disk size: \(humanSize(allocated))") }
     if let cluster = layer.clusterSize { lines.append("cluster_size: \(cluster)") }
+    if layer.isDirty { lines.append("cleanly shut down: no") }
     if let backing = layer.backing {
       let full = Resolver.path(of: backing.name, heldBy: layer.path)
       lines.append("backing file: \(backing.name)" + (full == backing.name ? "" : " (actual path: \(full))"))
       if let format = backing.format { lines.append("backing file format: \(format)") }
     }
-    if layer.isDirty { lines.append("dirty flag: true") }
+    if !layer.snapshots.isEmpty { lines += SnapshotOption.humanLines(layer.snapshots) }
     if !layer.formatSpecific.isEmpty {
       lines.append("Format specific information:")
       for (key, value) in layer.formatSpecific { lines += humanLines(key, value, indent: 4) }

@@ -22,20 +22,22 @@ struct Lacuna: ParsableCommand {
     commandName: "lacuna",
     abstract: "Convert virtual-machine disk images, keeping their holes.",
     discussion: """
-      lacuna reads raw, qcow2 (with backing chains), VMDK (monolithicSparse, \
-      streamOptimized), VHD (fixed, dynamic, differencing), VHDX and VDI images, asks each layer \
-      which ranges hold data, reads only those, and writes sparse output. Flags mean what they mean in \
-      qemu-img.
+      lacuna reads and writes raw, qcow2 (with backing chains), VMDK (every subformat qemu-img \
+      writes, streamOptimized for VMware), VHD (vpc: fixed for Azure, dynamic), VHDX and VDI \
+      images, from files, block devices and NBD servers; it asks each layer which ranges hold \
+      data, reads only those, and writes sparse output. Flags mean what they mean in qemu-img.
 
       Examples:
         lacuna convert -O raw disk.qcow2 disk.img
+        lacuna convert -O vmdk -o subformat=streamOptimized disk.qcow2 disk.vmdk
         lacuna info --output=json disk.qcow2
         lacuna map --output=json disk.img
+        lacuna compare disk.img disk.qcow2
       """,
     version: version,
     subcommands: [
-      ConvertCommand.self, CreateCommand.self, InfoCommand.self, MapCommand.self, MeasureCommand.self,
-      SparsifyCommand.self, StreamReceiverCommand.self,
+      CompareCommand.self, ConvertCommand.self, CreateCommand.self, InfoCommand.self, MapCommand.self,
+      MeasureCommand.self, SparsifyCommand.self, StreamReceiverCommand.self,
     ])
 }
 
@@ -88,14 +90,20 @@ enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
   case human, json
 }
 
-/// Parses `-o key=value,key=value`. qemu-img's `,,` escape stands for a literal comma.
+/// Parses `-o key=value,key=value`. qemu-img's `,,` escape stands for a literal comma, and
+/// a key alone is a flag set to `on` (`-o subformat=fixed,force_size`, as Azure's
+/// documentation spells it).
 func parseOptions(_ list: [String]) throws -> [String: String] {
   var result: [String: String] = [:]
   for text in list {
     let parts = text.replacingOccurrences(of: ",,", with: "\u{0}").split(separator: ",")
     for part in parts {
       let item = part.replacingOccurrences(of: "\u{0}", with: ",")
-      guard let equals = item.firstIndex(of: "="), equals != item.startIndex else {
+      guard let equals = item.firstIndex(of: "=") else {
+        result[item] = "on"
+        continue
+      }
+      guard equals != item.startIndex else {
         throw ValidationError("option '\(item)' is not key=value")
       }
       result[String(item[..<equals])] = String(item[item.index(after: equals)...])
@@ -123,14 +131,15 @@ func takeBackingOptions(
   return (backing, format)
 }
 
-/// Formats a byte count as qemu-img does in its human output ("5 MiB", "1.5 GiB").
+/// Formats a byte count as qemu-img does in its human output ("5 MiB", "1.5 GiB", "0 B"):
+/// three significant digits, and the next unit up from 1000 of the one below ("0.977 KiB"
+/// for 1000 bytes), as qemu's size_to_str picks it.
 func humanSize(_ bytes: Int64) -> String {
-  let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
-  var value = Double(bytes)
-  var unit = 0
-  while value >= 1024 && unit < units.count - 1 {
-    value /= 1024
-    unit += 1
-  }
-  return String(format: "%0.3g", value) + " " + units[unit]
+  let suffixes = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"]
+  let value = Double(max(bytes, 0))
+  // One less than the exponent of value * 1024 / 1000 is floor(log2) of it; every ten a unit.
+  let exponent = frexp(value / (1000.0 / 1024.0)).1
+  let unit = min(suffixes.count - 1, max(0, (exponent - 1) / 10))
+  let divisor = Double(UInt64(1) << UInt64(unit * 10))
+  return String(format: "%0.3g", value / divisor) + " " + suffixes[unit] + "B"
 }

@@ -48,6 +48,19 @@ final class NBDConversionTests: QemuTestCase {
     return result
   }
 
+  /// Waits (up to 60 s) until the log shows a request of `kind` past offset `after`: the
+  /// transfer is under way, whatever the machine's load.
+  private func waitForRequest(_ kind: String, in log: String, after: Int64) throws {
+    let deadline = Date().addingTimeInterval(60)
+    while Date() < deadline {
+      if FileManager.default.fileExists(atPath: log), try requests(kind, in: log).contains(where: { $0.offset >= after && $0.count >= 65536 }) {
+        return
+      }
+      usleep(20_000)
+    }
+    XCTFail("no \(kind) request past \(after) in 60 s")
+  }
+
   final class Result: @unchecked Sendable { var outcome: Outcome? }
 
   /// Runs `process` on another thread; the semaphore is signalled when it has ended.
@@ -247,13 +260,14 @@ final class NBDConversionTests: QemuTestCase {
     try qemuIO(big, "write -P 0x11 0 256M")
     // Reading from a slow server that is killed.
     let socket = path("r.sock")
-    let reader = try startNbdkit(["--filter=delay", "file", "file=\(big)", "rdelay=50ms"], socket: socket)
+    let readLog = path("r.log")
+    let reader = try startNbdkit(["--filter=delay", "file", "file=\(big)", "rdelay=100ms"], socket: socket, log: readLog)
     let out = path("out.raw")
     let convert = Process()
     convert.executableURL = URL(fileURLWithPath: try lacunaBinary())
     convert.arguments = ["convert", "-O", "raw", reader.uri, out]
     let (done, result) = inBackground(convert)
-    usleep(700_000)
+    try waitForRequest("Read", in: readLog, after: 4096)
     reader.kill()
     XCTAssertEqual(done.wait(timeout: .now() + 60), .success, "lacuna hung after the server died")
     let outcome = try XCTUnwrap(result.outcome)
@@ -263,12 +277,13 @@ final class NBDConversionTests: QemuTestCase {
 
     // Writing to a slow server that is killed.
     let wsocket = path("w.sock")
-    let writer = try startNbdkit(["--filter=delay", "memory", "size=256M", "wdelay=50ms"], socket: wsocket)
+    let writeLog = path("w.log")
+    let writer = try startNbdkit(["--filter=delay", "memory", "size=256M", "wdelay=100ms"], socket: wsocket, log: writeLog)
     let send = Process()
     send.executableURL = URL(fileURLWithPath: try lacunaBinary())
     send.arguments = ["convert", "-f", "raw", "-O", "raw", big, writer.uri]
     let (finished, sending) = inBackground(send)
-    usleep(700_000)
+    try waitForRequest("Write", in: writeLog, after: 0)
     writer.kill()
     XCTAssertEqual(finished.wait(timeout: .now() + 60), .success, "lacuna hung after the server died")
     let sent = try XCTUnwrap(sending.outcome)

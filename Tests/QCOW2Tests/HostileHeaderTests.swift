@@ -43,8 +43,17 @@ final class HostileHeaderTests: XCTestCase {
   }
 
   func testSnapshotTable() {
-    // The file ends 0x200 bytes after 0xa00: room for 12 entries of at least 40 bytes.
+    // The file ends 0x200 bytes after 0xa00: room for 12 entries of at least 40 bytes
+    // (each here with no L1 table, extra data, id or name).
     expectSuccess {
+      $0.set(UInt32(12), at: 60)
+      $0.set(UInt64(0xa00), at: 64)
+      for entry in 0..<12 {
+        for index in 0..<40 { $0.set(UInt8(0), at: 0xa00 + entry * 40 + index) }
+      }
+    }
+    // The entries are read: the data cluster's 0x5a bytes are no snapshot table.
+    expectFailure("snapshot table entry 0 at 0xa00 has 1515870810 bytes of extra data, more than qemu's limit of 1024") {
       $0.set(UInt32(12), at: 60)
       $0.set(UInt64(0xa00), at: 64)
     }
