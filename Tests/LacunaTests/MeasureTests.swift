@@ -182,6 +182,31 @@ final class MeasureTests: QemuTestCase {
     XCTAssertEqual(Set(json.keys), ["bitmaps", "required", "fully-allocated"])
   }
 
+  /// A multi-file VMDK's descriptor records names made from the output's: --name makes
+  /// the count exact for any name. A stream source (a file, or standard input) is measured
+  /// as convert reads it, from start to end.
+  func testNamesAndStreamSources() throws {
+    let source = try makeChain()
+    let name = "a-much-longer-name-than-disk.vmdk"
+    let options = ["-O", "vmdk", "-o", "subformat=twoGbMaxExtentSparse"]
+    let named = try measured(options + ["--name", name, source])
+    let unnamed = try measured(options + [source])
+    let out = path("named")
+    try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
+    XCTAssertEqual(try lacuna(["convert"] + options + [source, out + "/" + name], in: dir).status, 0)
+    XCTAssertEqual(named.required, try lengthOfFiles(in: out))
+    XCTAssertGreaterThan(named.required, unnamed.required)
+
+    XCTAssertEqual(try lacuna(["convert", "-O", "stream", source, "disk.stream"], in: dir).status, 0)
+    let fromStream = try measured(["-O", "qcow2", "disk.stream"])
+    let real = try convertedLength([], source: "disk.stream", format: "qcow2", name: "stream")
+    XCTAssertEqual(fromStream.required, real)
+    let piped = try runProgram(
+      "/bin/sh", ["-c", "\(try lacunaBinary()) measure --output=json -O qcow2 - < disk.stream"], in: dir)
+    XCTAssertEqual(piped.status, 0, piped.stderr)
+    XCTAssertTrue(piped.stdout.contains("\"required\": \(real)"), piped.stdout)
+  }
+
   func testErrors() throws {
     let source = try makeChain()
     // The last field: qemu-img refuses the same input (it exits 1 for every failure).
