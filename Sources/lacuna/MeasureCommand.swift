@@ -20,8 +20,10 @@ struct MeasureCommand: ParsableCommand {
       format lacuna writes (qemu-img measures qcow2 and raw only). With -c the clusters are \
       compressed for real, so it stays exact (and takes the time compression takes). \
       "fully allocated" is the length of the output for a disk of the same size whose every \
-      byte is data that does not compress (with -c too: such clusters are stored as they are). \
-      With --size, "required" is the length of an empty image of that size.
+      byte is data that does not compress (with -c too: such clusters are stored as they are); \
+      qcow2, VDI, raw and stream compute it from their options, the others run their writer \
+      over such a disk (no data is read; VMDK streamOptimized deflates every grain, about 4 s \
+      per GiB). With --size, "required" is the length of an empty image of that size.
 
       A multi-file VMDK's descriptor records its extent files' names, made from the output's \
       name: give it with --name for an exact count (default disk.vmdk).

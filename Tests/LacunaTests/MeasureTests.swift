@@ -119,6 +119,28 @@ final class MeasureTests: QemuTestCase {
     }
   }
 
+  /// The writers that say their fully allocated length from their options (qcow2, VDI,
+  /// stream) against convert of random data at sizes on and beside their boundaries.
+  func testFullyAllocatedLengthsAtBoundaries() throws {
+    let cases: [(arguments: [String], sizes: [Int])] = [
+      (["-O", "qcow2", "-o", "cluster_size=512"], [0, 1, 511, 512, 513, 32768, 32769, 65536 + 512]),
+      (["-O", "qcow2", "-o", "cluster_size=512,refcount_bits=1"], [262144, 262145]),
+      (["-O", "vdi"], [0, 1, 1 << 20, (1 << 20) + 1]),
+      (["-O", "stream"], [0, 1, 4 << 20, (4 << 20) + 1]),
+    ]
+    var generator = SystemRandomNumberGenerator()
+    for test in cases {
+      for size in test.sizes {
+        let random = (0..<(size + 7) / 8).map { _ in generator.next() as UInt64 }
+        try random.withUnsafeBytes { try Data($0.prefix(size)).write(to: dir.appendingPathComponent("r.raw")) }
+        let ours = try measured(test.arguments + ["--size", "\(size)"])
+        let real = try convertedLength(
+          ["-f", "raw"] + test.arguments.dropFirst(2), source: "r.raw", format: test.arguments[1], name: "b")
+        XCTAssertEqual(ours.fullyAllocated, real, "\(test.arguments) size \(size)")
+      }
+    }
+  }
+
   /// --size measures an empty disk: what convert writes from a sparse source of that size.
   func testSizeMeasuresAnEmptyDisk() throws {
     let size: Int64 = 300 << 20
@@ -139,10 +161,10 @@ final class MeasureTests: QemuTestCase {
 
   /// A disk of 16 TiB is measured quickly and without memory growing with it (beyond
   /// what the writer itself keeps: a VDI's block map is 4 bytes per MiB of disk). qcow2,
-  /// VDI and raw say their fully allocated length from their options; VHDX is run over the
+  /// VDI, raw and stream say their fully allocated length from their options; VHDX is run over the
   /// whole disk, block by block (a few seconds in a release build, more here).
   func testLargeSizeStaysSmall() throws {
-    for arguments in [["-O", "qcow2"], ["-O", "qcow2", "-o", "cluster_size=2M"], ["-O", "vdi"], ["-O", "raw"]] {
+    for arguments in [["-O", "qcow2"], ["-O", "qcow2", "-o", "cluster_size=2M"], ["-O", "vdi"], ["-O", "raw"], ["-O", "stream"]] {
       let started = Date()
       let (outcome, peak) = try lacunaMeasuringMemory(["measure"] + arguments + ["--size", "16T"])
       let seconds = Date().timeIntervalSince(started)
