@@ -21,8 +21,8 @@ struct MeasureCommand: ParsableCommand {
       compressed for real, so it stays exact (and takes the time compression takes). \
       "fully allocated" is the length of the output for a disk of the same size whose every \
       byte is data that does not compress (with -c too: such clusters are stored as they are); \
-      qcow2, VDI, raw and stream compute it from their options, the others run their writer \
-      over such a disk (no data is read; VMDK streamOptimized deflates every grain, about 4 s \
+      qcow2, VDI, VMDK (but streamOptimized), raw and stream compute it from their options, \
+      the others run their writer over such a disk (no data is read; VMDK streamOptimized deflates every grain, about 4 s \
       per GiB). With --size, "required" is the length of an empty image of that size.
 
       A multi-file VMDK's descriptor records its extent files' names, made from the output's \

@@ -120,13 +120,17 @@ final class MeasureTests: QemuTestCase {
   }
 
   /// The writers that say their fully allocated length from their options (qcow2, VDI,
-  /// stream) against convert of random data at sizes on and beside their boundaries.
+  /// stream, VMDK but streamOptimized) against convert of random data at sizes on and beside their boundaries.
   func testFullyAllocatedLengthsAtBoundaries() throws {
     let cases: [(arguments: [String], sizes: [Int])] = [
       (["-O", "qcow2", "-o", "cluster_size=512"], [0, 1, 511, 512, 513, 32768, 32769, 65536 + 512]),
       (["-O", "qcow2", "-o", "cluster_size=512,refcount_bits=1"], [262144, 262145]),
       (["-O", "vdi"], [0, 1, 1 << 20, (1 << 20) + 1]),
       (["-O", "stream"], [0, 1, 4 << 20, (4 << 20) + 1]),
+      (["-O", "vmdk"], [1, 65536, 65537, (32 << 20) + 512]),
+      (["-O", "vmdk", "-o", "subformat=monolithicFlat"], [1, 513]),
+      (["-O", "vmdk", "-o", "subformat=twoGbMaxExtentSparse"], [1, 65537]),
+      (["-O", "vmdk", "-o", "subformat=twoGbMaxExtentFlat"], [1, 513]),  // VMDK refuses an empty disk
     ]
     var generator = SystemRandomNumberGenerator()
     for test in cases {
