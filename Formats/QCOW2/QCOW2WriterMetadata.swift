@@ -187,3 +187,16 @@ extension QCOW2Writer {
     return header.bytes
   }
 }
+
+extension QCOW2Writer: FullyAllocatedLength {
+  /// With every cluster data: the header cluster, one host cluster per cluster of the disk
+  /// (data that does not compress is stored as it is, with or without -c), every L2 table,
+  /// then the L1 table and the refcount structures as `writeMetadata` sizes them.
+  public var fullyAllocatedLength: Int64 {
+    let clusters = (recordedSize + Int64(clusterSize) - 1) >> Int64(clusterBits)
+    let layout = MetadataLayout.compute(
+      base: 1 + clusters + Int64(l1Size), l1Entries: l1Size, clusterSize: clusterSize,
+      refcountBits: settings.refcountBits)
+    return layout.totalClusters * Int64(clusterSize)
+  }
+}

@@ -138,3 +138,12 @@ public final class SparseStreamWriter: ImageWriter {
     staged = 0
   }
 }
+
+extension SparseStreamWriter: FullyAllocatedLength {
+  /// With every byte data: the first two lines, the disk in DATA records of `maxDataRecord`
+  /// bytes (the last shorter), the DONE line.
+  public var fullyAllocatedLength: Int64 {
+    let records = (virtualSize + Int64(Self.maxDataRecord) - 1) / Int64(Self.maxDataRecord)
+    return Int64(SparseStream.magicLine.count) + Int64(StreamRecord.headerLength) * (2 + records) + virtualSize
+  }
+}

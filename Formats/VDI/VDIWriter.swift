@@ -190,3 +190,8 @@ public final class VDIWriter: ImageWriter {
     resetWindow()
   }
 }
+
+extension VDIWriter: FullyAllocatedLength {
+  /// With every block data: the header, the map, then every block, allocated in disk order.
+  public var fullyAllocatedLength: Int64 { Int64(header.dataOffset) + Int64(header.blockCount) * Self.blockSize }
+}

@@ -271,3 +271,24 @@ public final class VMDKWriter: ImageWriter {
     }
   }
 }
+
+extension VMDKWriter: FullyAllocatedLength {
+  /// With every grain data: each sparse extent is its overhead (header, descriptor, both
+  /// directories and all their tables) and then every grain, as `SparseExtentWriter` appends
+  /// them; a flat extent is as long as its part of the disk; a separate descriptor file adds
+  /// its text.
+  public var fullyAllocatedLength: Int64 {
+    var total = settings.subformat.isSingleFile ? 0 : Int64(descriptorBytes.count)
+    for extent in extents {
+      if settings.subformat.isFlat {
+        total += extent.length
+      } else {
+        let sectors = UInt64(extent.length / 512)
+        let grains = (sectors + VMDKWriterGeometry.grainSectors - 1) / VMDKWriterGeometry.grainSectors
+        let layout = HostedSparseLayout(capacity: sectors)
+        total += Int64(layout.overHead + grains * VMDKWriterGeometry.grainSectors) * 512
+      }
+    }
+    return total
+  }
+}

@@ -36,7 +36,7 @@ public struct BigEndianWriter {
   public mutating func append(contentsOf data: some Sequence<UInt8>) { bytes.append(contentsOf: data) }
 
   /// Stores `value` big-endian at `offset` of `bytes` (which must be long enough).
-  public static func store<T: FixedWidthInteger>(_ value: T, at offset: Int, in bytes: inout [UInt8]) {
+  @inlinable public static func store<T: FixedWidthInteger>(_ value: T, at offset: Int, in bytes: inout [UInt8]) {
     let size = MemoryLayout<T>.size
     for i in 0..<size { bytes[offset + i] = UInt8(truncatingIfNeeded: value >> ((size - 1 - i) * 8)) }
   }

@@ -90,3 +90,11 @@ public protocol PreparingImageWriter: ImageWriter {
   /// Stores a prepared unit. Called on one thread, in disk order.
   func commit(_ prepared: AnyObject) throws
 }
+
+/// A writer that knows, from its options alone, how long its output would be for a disk whose
+/// every byte is data that does not compress: `measure` asks it instead of running it over
+/// such a disk, which costs time in proportion to the disk.
+public protocol FullyAllocatedLength: ImageWriter {
+  /// The output's length in bytes (all its files) for a fully allocated disk.
+  var fullyAllocatedLength: Int64 { get }
+}

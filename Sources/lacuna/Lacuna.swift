@@ -37,7 +37,7 @@ struct Lacuna: ParsableCommand {
     version: version,
     subcommands: [
       CheckCommand.self, CompareCommand.self, ConvertCommand.self, CreateCommand.self, InfoCommand.self, MapCommand.self,
-      SparsifyCommand.self, StreamReceiverCommand.self,
+      MeasureCommand.self, SparsifyCommand.self, StreamReceiverCommand.self,
     ])
 }
 
