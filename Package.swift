@@ -38,7 +38,7 @@ let package = Package(
     .executableTarget(
       name: "lacuna",
       dependencies: [
-        "CLacunaSys", "DiskImage", "Convert", "NBD", "Raw", "QCOW2", "Stream", "VHD", "VMDK", "VDI", "VHDX",
+        "CLacunaSys", "DiskImage", "Compression", "Convert", "NBD", "Raw", "QCOW2", "Stream", "VHD", "VMDK", "VDI", "VHDX",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
       ],
       path: "Sources/lacuna"),

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Compression
 import Convert
 import NBD
 import Foundation
@@ -33,11 +34,27 @@ struct Lacuna: ParsableCommand {
         lacuna info --output=json disk.qcow2
         lacuna map --output=json disk.img
       """,
-    version: version,
+    version: versionText(),
     subcommands: [
       ConvertCommand.self, CreateCommand.self, InfoCommand.self, MapCommand.self,
       SparsifyCommand.self, StreamReceiverCommand.self,
     ])
+}
+
+/// What `--version` prints: the version, as qemu-img prints its own, then what this build
+/// reads and writes and the libraries it runs with (their versions asked of them at run
+/// time, so a static binary on another host says what it found there).
+func versionText() -> String {
+  let writable = registry.all.filter { $0.create != nil }.map(\.name).sorted()
+  let readOnly = registry.all.filter { $0.create == nil }.map(\.name).sorted()
+  var lines = [
+    "lacuna version \(Lacuna.version)",
+    "Formats (read and write): " + writable.joined(separator: " "),
+  ]
+  if !readOnly.isEmpty { lines.append("Formats (read only): " + readOnly.joined(separator: " ")) }
+  lines.append("Compression: zlib \(CompressionLibraries.zlibVersion), zstd \(CompressionLibraries.zstdVersion)")
+  lines.append("NBD: libnbd " + (NBDLibrary.version ?? "(unavailable)"))
+  return lines.joined(separator: "\n")
 }
 
 /// The formats this build knows, in probing order; raw is what is left.
