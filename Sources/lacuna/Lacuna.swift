@@ -4,6 +4,7 @@ import Convert
 import NBD
 import Foundation
 import DiskImage
+import LacunaKit
 import QCOW2
 import Raw
 import Stream
@@ -17,7 +18,7 @@ import VMDK
 #endif
 
 struct Lacuna: ParsableCommand {
-  static let version = "0.1.0"
+  static let version = LacunaKit.version
 
   static let configuration = CommandConfiguration(
     commandName: "lacuna",
@@ -57,15 +58,10 @@ func versionText() -> String {
   return lines.joined(separator: "\n")
 }
 
-/// The formats this build knows, in probing order; raw is what is left.
-let registry = FormatRegistry(
-  formats: [QCOW2.format, SparseStream.format, VMDK.format, VHD.format, VDI.format, VHDX.format], fallback: Raw.format)
+/// The formats this build knows, in probing order; raw is what is left (LacunaKit's).
+let registry = LacunaKit.registry
 /// How every name the user gives or an image holds becomes an image.
-let resolver: Resolver = {
-  var resolver = Resolver(registry: registry)
-  resolver.network = NBDStorage()
-  return resolver
-}()
+let resolver: Resolver = LacunaKit.resolver()
 
 /// How the verbs that read images may open them: `-U` and `--untrusted`.
 struct ImageAccess: ParsableArguments {
@@ -81,11 +77,7 @@ struct ImageAccess: ParsableArguments {
 
   /// The resolver these flags ask for.
   var resolver: Resolver {
-    var chosen = Convert.Resolver(registry: registry)
-    chosen.network = NBDStorage()
-    if untrusted { chosen.policy = .untrusted }
-    chosen.forceShare = forceShare
-    return chosen
+    LacunaKit.resolver(untrusted: untrusted, forceShare: forceShare)
   }
 }
 
