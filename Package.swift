@@ -8,7 +8,10 @@ let package = Package(
   name: "lacuna",
   platforms: [.macOS(.v13)],
   products: [
-    .executable(name: "lacuna", targets: ["lacuna"])
+    .executable(name: "lacuna", targets: ["lacuna"]),
+    // lacuna as a Swift library (Sources/LacunaKit): open, map, convert with progress and
+    // cancellation. The CLI is built on it.
+    .library(name: "LacunaKit", targets: ["LacunaKit"]),
   ],
   dependencies: [
     .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0")
@@ -35,10 +38,14 @@ let package = Package(
     .target(name: "VMDK", dependencies: ["DiskImage", "Compression"], path: "Formats/VMDK", exclude: ["README.md"]),
     .target(name: "VDI", dependencies: ["DiskImage"], path: "Formats/VDI", exclude: ["README.md"]),
     .target(name: "VHDX", dependencies: ["DiskImage"], path: "Formats/VHDX", exclude: ["README.md"]),
+    .target(
+      name: "LacunaKit",
+      dependencies: ["DiskImage", "Convert", "NBD", "Raw", "QCOW2", "Stream", "VHD", "VMDK", "VDI", "VHDX"],
+      path: "Sources/LacunaKit"),
     .executableTarget(
       name: "lacuna",
       dependencies: [
-        "CLacunaSys", "DiskImage", "Convert", "NBD", "Raw", "QCOW2", "Stream", "VHD", "VMDK", "VDI", "VHDX",
+        "LacunaKit", "CLacunaSys", "DiskImage", "Compression", "Convert", "NBD", "Raw", "QCOW2", "Stream", "VHD", "VMDK", "VDI", "VHDX",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
       ],
       path: "Sources/lacuna"),
@@ -61,6 +68,8 @@ let package = Package(
     .testTarget(
       name: "ConformanceTests", dependencies: ["DiskImage", "Raw", "QCOW2", "Stream", "Convert", "TestSupport"],
       path: "Tests/ConformanceTests"),
+    // Only LacunaKit's public API: what a Swift app that manages VMs sees.
+    .testTarget(name: "LacunaKitTests", dependencies: ["LacunaKit"], path: "Tests/LacunaKitTests"),
     .testTarget(name: "LacunaTests", dependencies: ["lacuna", "TestSupport"], path: "Tests/LacunaTests"),
     .testTarget(name: "VHDTests", dependencies: ["VHD", "DiskImage", "TestSupport", "lacuna"], path: "Tests/VHDTests"),
     .testTarget(name: "VMDKTests", dependencies: ["VMDK", "DiskImage", "lacuna", "TestSupport"], path: "Tests/VMDKTests"),

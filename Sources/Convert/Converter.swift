@@ -30,6 +30,9 @@ public struct ConvertOptions {
   public var backing: OutputBacking = .none
   /// Called with (bytes done, bytes total) as the work proceeds, from the writing thread.
   public var progress: ((Int64, Int64) -> Void)?
+  /// Asked after each unit is written: true stops the conversion with `ConversionCancelled`
+  /// (the writer abandons its output).
+  public var isCancelled: (() -> Bool)?
 
   public init() {}
 }
@@ -81,6 +84,12 @@ public enum ConversionInput {
 /// data and zeros in virtual-disk order. Worker threads read, detect zeros and prepare
 /// (compress); one thread writes, in order, so the output is the same bytes whatever the
 /// thread count.
+/// A conversion stopped because `ConvertOptions.isCancelled` said so.
+public struct ConversionCancelled: Error, CustomStringConvertible {
+  public init() {}
+  public var description: String { "the conversion was cancelled" }
+}
+
 public final class Converter {
   let input: ConversionInput
   let writer: ImageWriter
@@ -279,6 +288,7 @@ public final class Converter {
         try (writer as! PreparingImageWriter).commit(prepared)
       }
       options.progress?(done, total)
+      if options.isCancelled?() == true { throw ConversionCancelled() }
     }
 
     func drainOne() throws {

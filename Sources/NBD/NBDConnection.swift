@@ -181,3 +181,14 @@ final class NBDConnection {
     return box.runs
   }
 }
+
+/// libnbd as linked into this build.
+public enum NBDLibrary {
+  /// libnbd's version at run time (e.g. "1.14.2"), or nil if it cannot make a handle.
+  public static var version: String? {
+    guard let handle = nbd_create() else { return nil }
+    defer { nbd_close(handle) }
+    guard let text = nbd_get_version(handle) else { return nil }
+    return String(cString: text)
+  }
+}

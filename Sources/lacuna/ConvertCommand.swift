@@ -30,38 +30,70 @@ struct ConvertCommand: ParsableCommand {
       `lacuna info` lists the snapshots.
       """)
 
-  @Option(name: .customShort("f"), help: "The source's format; probed from its magic when omitted.")
+  @Option(
+    name: .customShort("f"),
+    help: ArgumentHelp(
+      "The source's format; probed from its magic when omitted.",
+      valueName: "format"))
   var sourceFormat: String?
 
   @Option(
     name: .customShort("l"),
-    help: "Convert this internal snapshot (qcow2): snapshot.id=ID, snapshot.name=NAME, or an id or name.")
+    help: ArgumentHelp(
+      "Convert this internal snapshot (qcow2): snapshot.id=ID, snapshot.name=NAME, or an id or name.",
+      valueName: "snapshot"))
   var snapshotOptions: [String] = []
 
-  @Option(name: .customShort("s"), help: "Convert this internal snapshot, by id or name (the old form of -l).")
+  @Option(
+    name: .customShort("s"),
+    help: ArgumentHelp(
+      "Convert this internal snapshot, by id or name (the old form of -l).",
+      valueName: "snapshot"))
   var oldSnapshot: String?
 
-  @Option(name: .customShort("O"), help: "The output's format (raw by default, as in qemu-img).")
+  @Option(
+    name: .customShort("O"),
+    help: ArgumentHelp(
+      "The output's format (raw by default, as in qemu-img).",
+      valueName: "output-format"))
   var outputFormat: String = "raw"
 
-  @Option(name: .customShort("o"), help: "Output options, key=value,... (e.g. preallocation=falloc).")
+  @Option(
+    name: .customShort("o"),
+    help: ArgumentHelp(
+      "Output options, key=value,... (e.g. preallocation=falloc).",
+      valueName: "options"))
   var options: [String] = []
 
-  @Option(name: .customShort("S"), help: "Zero runs of this size are left as holes (default 4k; 0 writes everything).")
+  @Option(
+    name: .customShort("S"),
+    help: ArgumentHelp(
+      "Zero runs of this size are left as holes (default 4k; 0 writes everything).",
+      valueName: "size"))
   var sparseSize: String = "4k"
 
   @Flag(name: .customShort("c"), help: "Compress the output (qcow2; VMDK streamOptimized always is).")
   var compress = false
 
-  @Option(name: .customShort("B"), help: "The backing file the output records.")
+  @Option(
+    name: .customShort("B"),
+    help: ArgumentHelp(
+      "The backing file the output records.",
+      valueName: "backing-file"))
   var backing: String?
 
-  @Option(name: .customShort("F"), help: "The format of the backing file given with -B.")
+  @Option(
+    name: .customShort("F"),
+    help: ArgumentHelp(
+      "The format of the backing file given with -B.",
+      valueName: "backing-format"))
   var backingFormat: String?
 
   @Option(
     name: .customLong("source-backing-format"),
-    help: "The format of the source's backing file, when the source does not record it.")
+    help: ArgumentHelp(
+      "The format of the source's backing file, when the source does not record it.",
+      valueName: "format"))
   var sourceBackingFormat: String?
 
   @Flag(
@@ -74,7 +106,11 @@ struct ConvertCommand: ParsableCommand {
     help: "With -n: the destination reads as zeros already, so zero ranges are skipped instead of zeroed.")
   var targetIsZero = false
 
-  @Option(name: .customShort("m"), help: "Worker threads (default: the number of cores, at least 2).")
+  @Option(
+    name: .customShort("m"),
+    help: ArgumentHelp(
+      "Worker threads (default: the number of cores, at least 2).",
+      valueName: "threads"))
   var threads: Int?
 
   @Flag(name: .customShort("W"), help: "Accepted for qemu-img compatibility; output is always written in order.")
@@ -82,15 +118,19 @@ struct ConvertCommand: ParsableCommand {
 
   @Option(
     name: .customShort("t"),
-    help: "Output cache mode: writeback (default: fsync, then rename) or unsafe (no fsync, as qemu-img).")
+    help: ArgumentHelp(
+      "Output cache mode: writeback (default: fsync, then rename) or unsafe (no fsync, as qemu-img).",
+      valueName: "cache"))
   var cacheMode: CacheMode = .writeback
 
-  @Flag(name: .customShort("p"), help: "Show progress.")
+  @Flag(name: .customShort("p"), help: "Show progress: on a terminal a bar with bytes, rate and time left; elsewhere qemu-img's (N.NN/100%).")
   var progress = false
 
   @Option(
     name: .customLong("progress"),
-    help: "Progress as 'bar' (like -p) or 'json': one object per line with bytes-done, bytes-total, elapsed.")
+    help: ArgumentHelp(
+      "Progress as 'bar' (like -p) or 'json': one object per line with bytes-done, bytes-total, elapsed.",
+      valueName: "bar|json"))
   var progressFormat: ProgressFormat?
 
   @Flag(name: .customShort("q"), help: "Quiet: no progress, no summary.")

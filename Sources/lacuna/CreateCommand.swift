@@ -17,16 +17,28 @@ struct CreateCommand: ParsableCommand {
         lacuna create -f raw -o preallocation=falloc disk.img 10G
       """)
 
-  @Option(name: .customShort("f"), help: "The new image's format (raw by default, as in qemu-img).")
+  @Option(
+    name: .customShort("f"),
+    help: ArgumentHelp(
+      "The new image's format (raw by default, as in qemu-img).",
+      valueName: "format"))
   var format: String = "raw"
 
-  @Option(name: .customShort("b"), help: "The backing file the new image records (relative to the new image's directory).")
+  @Option(
+    name: .customShort("b"),
+    help: ArgumentHelp(
+      "The backing file the new image records (relative to the new image's directory).",
+      valueName: "backing-file"))
   var backing: String?
 
-  @Option(name: .customShort("F"), help: "The backing file's format; probed and recorded when omitted.")
+  @Option(
+    name: .customShort("F"),
+    help: ArgumentHelp(
+      "The backing file's format; probed and recorded when omitted.",
+      valueName: "backing-format"))
   var backingFormat: String?
 
-  @Option(name: .customShort("o"), help: "Format options, key=value,...")
+  @Option(name: .customShort("o"), help: ArgumentHelp("Format options, key=value,...", valueName: "options"))
   var options: [String] = []
 
   @Flag(name: .customShort("q"), help: "Quiet.")

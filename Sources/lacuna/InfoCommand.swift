@@ -17,10 +17,14 @@ struct InfoCommand: ParsableCommand {
         lacuna info --output=json --backing-chain top.qcow2
       """)
 
-  @Option(name: .customShort("f"), help: "The image's format; probed from its magic when omitted.")
+  @Option(
+    name: .customShort("f"),
+    help: ArgumentHelp(
+      "The image's format; probed from its magic when omitted.",
+      valueName: "format"))
   var format: String?
 
-  @Option(name: .customLong("output"), help: "human or json.")
+  @Option(name: .customLong("output"), help: ArgumentHelp("human or json.", valueName: "human|json"))
   var output: OutputFormat = .human
 
   @Flag(name: .customLong("backing-chain"), help: "Show every image of the backing chain.")

@@ -1,8 +1,10 @@
 import ArgumentParser
+import Compression
 import Convert
 import NBD
 import Foundation
 import DiskImage
+import LacunaKit
 import QCOW2
 import Raw
 import Stream
@@ -16,7 +18,7 @@ import VMDK
 #endif
 
 struct Lacuna: ParsableCommand {
-  static let version = "0.1.0"
+  static let version = LacunaKit.version
 
   static let configuration = CommandConfiguration(
     commandName: "lacuna",
@@ -34,22 +36,33 @@ struct Lacuna: ParsableCommand {
         lacuna map --output=json disk.img
         lacuna compare disk.img disk.qcow2
       """,
-    version: version,
+    version: versionText(),
     subcommands: [
       CheckCommand.self, CompareCommand.self, ConvertCommand.self, CreateCommand.self, InfoCommand.self, MapCommand.self,
       MeasureCommand.self, SparsifyCommand.self, StreamReceiverCommand.self,
     ])
 }
 
-/// The formats this build knows, in probing order; raw is what is left.
-let registry = FormatRegistry(
-  formats: [QCOW2.format, SparseStream.format, VMDK.format, VHD.format, VDI.format, VHDX.format], fallback: Raw.format)
+/// What `--version` prints: the version, as qemu-img prints its own, then what this build
+/// reads and writes and the libraries it runs with (their versions asked of them at run
+/// time, so a static binary on another host says what it found there).
+func versionText() -> String {
+  let writable = registry.all.filter { $0.create != nil }.map(\.name).sorted()
+  let readOnly = registry.all.filter { $0.create == nil }.map(\.name).sorted()
+  var lines = [
+    "lacuna version \(Lacuna.version)",
+    "Formats (read and write): " + writable.joined(separator: " "),
+  ]
+  if !readOnly.isEmpty { lines.append("Formats (read only): " + readOnly.joined(separator: " ")) }
+  lines.append("Compression: zlib \(CompressionLibraries.zlibVersion), zstd \(CompressionLibraries.zstdVersion)")
+  lines.append("NBD: libnbd " + (NBDLibrary.version ?? "(unavailable)"))
+  return lines.joined(separator: "\n")
+}
+
+/// The formats this build knows, in probing order; raw is what is left (LacunaKit's).
+let registry = LacunaKit.registry
 /// How every name the user gives or an image holds becomes an image.
-let resolver: Resolver = {
-  var resolver = Resolver(registry: registry)
-  resolver.network = NBDStorage()
-  return resolver
-}()
+let resolver: Resolver = LacunaKit.resolver()
 
 /// How the verbs that read images may open them: `-U` and `--untrusted`.
 struct ImageAccess: ParsableArguments {
@@ -65,11 +78,7 @@ struct ImageAccess: ParsableArguments {
 
   /// The resolver these flags ask for.
   var resolver: Resolver {
-    var chosen = Convert.Resolver(registry: registry)
-    chosen.network = NBDStorage()
-    if untrusted { chosen.policy = .untrusted }
-    chosen.forceShare = forceShare
-    return chosen
+    LacunaKit.resolver(untrusted: untrusted, forceShare: forceShare)
   }
 }
 

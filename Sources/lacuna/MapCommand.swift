@@ -20,16 +20,20 @@ struct MapCommand: ParsableCommand {
         lacuna map --output=json top.qcow2
       """)
 
-  @Option(name: .customShort("f"), help: "The image's format; probed from its magic when omitted.")
+  @Option(
+    name: .customShort("f"),
+    help: ArgumentHelp(
+      "The image's format; probed from its magic when omitted.",
+      valueName: "format"))
   var format: String?
 
-  @Option(name: .customLong("output"), help: "human or json.")
+  @Option(name: .customLong("output"), help: ArgumentHelp("human or json.", valueName: "human|json"))
   var output: OutputFormat = .human
 
-  @Option(name: .customLong("start-offset"), help: "Start mapping at this offset.")
+  @Option(name: .customLong("start-offset"), help: ArgumentHelp("Start mapping at this offset.", valueName: "offset"))
   var startOffset: String?
 
-  @Option(name: .customLong("max-length"), help: "Map at most this many bytes.")
+  @Option(name: .customLong("max-length"), help: ArgumentHelp("Map at most this many bytes.", valueName: "length"))
   var maxLength: String?
 
   @OptionGroup var access: ImageAccess

@@ -25,10 +25,18 @@ struct SparsifyCommand: ParsableCommand {
         lacuna sparsify -S 64k --summary disk.img
       """)
 
-  @Option(name: .customShort("f"), help: "The image's format (raw only); probed when omitted.")
+  @Option(
+    name: .customShort("f"),
+    help: ArgumentHelp(
+      "The image's format (raw only); probed when omitted.",
+      valueName: "format"))
   var format: String?
 
-  @Option(name: .customShort("S"), help: "Zero blocks of this size (aligned to the file) become holes (default 4k).")
+  @Option(
+    name: .customShort("S"),
+    help: ArgumentHelp(
+      "Zero blocks of this size (aligned to the file) become holes (default 4k).",
+      valueName: "size"))
   var sparseSize: String = "4k"
 
   @Flag(name: .customLong("summary"), help: "Print a summary line when done (bytes scanned and punched, allocation before and after).")
