@@ -121,7 +121,7 @@ public final class QCOW2Writer: PreparingImageWriter {
     }
     l1Size = Int(tables)
     l2Offsets = [Int64](repeating: 0, count: l1Size)
-    codecs = options.compress ? CodecPool(type: settings.compressionType) : nil
+    codecs = options.compress ? CodecPool(type: settings.compressionType, level: settings.compressionLevel) : nil
     // Refuse now, not after the data, a backing name that cannot fit in cluster 0.
     try headerBytes(l1Offset: 0, refcountTableOffset: 0, refcountTableClusters: 0)
   }
