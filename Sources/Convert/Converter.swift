@@ -140,6 +140,9 @@ public final class Converter {
   struct HostPiece {
     var range: Range<Int64>
     var bytes: HostBytes
+    /// The piece's bytes mapped from the source file (read there, not copied into the
+    /// unit's buffer), or nil when they are in the buffer.
+    var mapping: FileMapping?
   }
 
   /// One step for the writer, in disk order: runs to pass on as they are, or a unit whose
@@ -279,7 +282,13 @@ public final class Converter {
           statistics.bytesWritten += Int64(run.range.count)
           if unit.prepared != nil { break }
           func bytes(_ range: Range<Int64>) -> UnsafeRawBufferPointer {
-            UnsafeRawBufferPointer(
+            if let piece = unit.hostPieces.first(where: { $0.range.contains(range.lowerBound) }),
+              let mapping = piece.mapping
+            {
+              return UnsafeRawBufferPointer(
+                rebasing: mapping.bytes[Int(range.lowerBound - piece.range.lowerBound)..<Int(range.upperBound - piece.range.lowerBound)])
+            }
+            return UnsafeRawBufferPointer(
               rebasing: unit.buffer[Int(range.lowerBound - unit.start)..<Int(range.upperBound - unit.start)])
           }
           guard let copying, !unit.hostPieces.isEmpty else {
@@ -596,12 +605,26 @@ public final class Converter {
           rebasing: buffer[Int(segment.range.lowerBound - start)..<Int(segment.range.upperBound - start)])
         switch segment.source {
         case .layer(let depth):
+          // Data the writer may take from the source file by the kernel is checked for
+          // zeros where it lies in the page cache (mapped), not copied out first: only
+          // the blocks the writer cannot clone are ever copied.
+          if let host = segment.hostOffset, let file = chain!.layers[depth].plainHostFile {
+            let mapping = FileMapping(file: file, range: host..<host + Int64(slice.count))
+            if let mapping {
+              for piece in zeroRuns(mapping.bytes, at: segment.range.lowerBound, blockSize: sparseSize) {
+                runs.append(Run(range: piece.range, kind: piece.isZero ? .zero : .data, scanned: true))
+              }
+            } else {
+              try chain!.layers[depth].read(into: slice, at: segment.range.lowerBound)
+              scan(slice, at: segment.range.lowerBound)
+            }
+            bytesRead += Int64(slice.count)
+            hostPieces.append(HostPiece(range: segment.range, bytes: HostBytes(file: file, offset: host), mapping: mapping))
+            break
+          }
           try chain!.layers[depth].read(into: slice, at: segment.range.lowerBound)
           bytesRead += Int64(slice.count)
           scan(slice, at: segment.range.lowerBound)
-          if let host = segment.hostOffset, let file = chain!.layers[depth].plainHostFile {
-            hostPieces.append(HostPiece(range: segment.range, bytes: HostBytes(file: file, offset: host)))
-          }
         case .chain:
           try chain!.read(into: slice, at: segment.range.lowerBound)
           bytesRead += Int64(slice.count)

@@ -154,3 +154,30 @@ public final class KernelCopier {
     return tally
   }
 }
+
+/// A read-only mapping of part of a file, unmapped when released. The engine checks data
+/// it may clone for zeros here, in the page cache, instead of copying it out with pread.
+/// Only ranges inside the file's size are mapped (nil otherwise, or where mmap fails: the
+/// caller reads instead).
+public final class FileMapping: @unchecked Sendable {
+  private let base: UnsafeMutableRawPointer
+  private let length: Int
+  /// The mapped range's bytes.
+  public let bytes: UnsafeRawBufferPointer
+
+  public init?(file: ImageFile, range: Range<Int64>) {
+    guard !range.isEmpty, let size = try? file.size(), range.upperBound <= size else { return nil }
+    let page = Int64(sysconf(Int32(_SC_PAGESIZE)))
+    let start = range.lowerBound / page * page
+    let length = Int(range.upperBound - start)
+    guard let pointer = mmap(nil, length, PROT_READ, MAP_SHARED, file.descriptor, off_t(start)),
+      pointer != MAP_FAILED
+    else { return nil }
+    _ = madvise(pointer, length, MADV_SEQUENTIAL)
+    base = pointer
+    self.length = length
+    bytes = UnsafeRawBufferPointer(start: pointer + Int(range.lowerBound - start), count: range.count)
+  }
+
+  deinit { munmap(base, length) }
+}
