@@ -244,12 +244,17 @@ public final class Converter {
     let chain: Chain? = if case .chain(let chain) = input { chain } else { nil }
     let base: Chain? = if case .compared(let base) = options.backing { base } else { nil }
     let copying = writer as? CopyingImageWriter
+    let copyingPreparer = writer as? CopyingPreparingImageWriter
     let copyMode = options.copyMode
+    // A writer that prepares units needs their bytes in the buffer; only one that writes
+    // from them directly lets the workers check mapped source bytes instead.
+    let mapSources = copying != nil && !(writer is PreparingImageWriter)
     let pipeline = OrderedPipeline<Job, FilledUnit>(
       threads: options.threads, capacity: options.threads * 4
     ) { [writer] job in
       let filled = try Converter.fill(
-        job, chain: chain, sparseSize: sparseSize, pool: pool, base: base, granularity: granularity)
+        job, chain: chain, sparseSize: sparseSize, pool: pool, base: base, granularity: granularity,
+        mapSources: mapSources)
       if let preparing = writer as? PreparingImageWriter {
         filled.prepared = try preparing.prepare(
           UnsafeRawBufferPointer(rebasing: filled.buffer[0..<filled.length]), at: filled.start,
@@ -331,7 +336,14 @@ public final class Converter {
       }
       if let prepared = filled?.prepared {
         try flushZeros()
-        try (writer as! PreparingImageWriter).commit(prepared)
+        if let copyingPreparer, let pieces = filled?.hostPieces, !pieces.isEmpty {
+          let tally = try copyingPreparer.commit(
+            prepared, sources: pieces.map { ($0.range, $0.bytes) }, mode: copyMode)
+          statistics.bytesCloned += tally.cloned
+          statistics.bytesCopied += tally.copied
+        } else {
+          try (writer as! PreparingImageWriter).commit(prepared)
+        }
       }
       options.progress?(done, total)
     }
@@ -366,7 +378,9 @@ public final class Converter {
     /// The layers whose data the writer may take from their files, for this window (none
     /// once the writer has found it cannot).
     func hostFiles() -> [ImageFile?] {
-      guard let chain, let copying, copying.copies(in: copyMode) else { return [] }
+      guard let chain, copying?.copies(in: copyMode) ?? copyingPreparer?.copies(in: copyMode) ?? false else {
+        return []
+      }
       return chain.layers.map(\.plainHostFile)
     }
 
@@ -584,7 +598,8 @@ public final class Converter {
   /// then split them into data and zero runs at `sparseSize` blocks aligned to the disk.
   /// Segments known to be zero are not read.
   static func fill(
-    _ job: Job, chain: Chain?, sparseSize: Int, pool: BufferPool, base: Chain? = nil, granularity: Int64 = 1
+    _ job: Job, chain: Chain?, sparseSize: Int, pool: BufferPool, base: Chain? = nil, granularity: Int64 = 1,
+    mapSources: Bool = false
   ) throws -> FilledUnit {
     let segments = job.segments
     let start = segments.first!.range.lowerBound
@@ -609,7 +624,7 @@ public final class Converter {
           // zeros where it lies in the page cache (mapped), not copied out first: only
           // the blocks the writer cannot clone are ever copied.
           if let host = segment.hostOffset, let file = chain!.layers[depth].plainHostFile {
-            let mapping = FileMapping(file: file, range: host..<host + Int64(slice.count))
+            let mapping = mapSources ? FileMapping(file: file, range: host..<host + Int64(slice.count)) : nil
             if let mapping {
               for piece in zeroRuns(mapping.bytes, at: segment.range.lowerBound, blockSize: sparseSize) {
                 runs.append(Run(range: piece.range, kind: piece.isZero ? .zero : .data, scanned: true))

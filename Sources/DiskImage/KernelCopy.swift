@@ -58,6 +58,16 @@ public protocol CopyingImageWriter: ImageWriter {
   func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64, from source: HostBytes, mode: CopyMode) throws -> CopyTally
 }
 
+/// A writer that prepares units on the workers (`PreparingImageWriter`) and can take the
+/// data of a unit stored as it is (no compression) from a source file by the kernel.
+public protocol CopyingPreparingImageWriter: PreparingImageWriter {
+  /// As `CopyingImageWriter.copies(in:)`.
+  func copies(in mode: CopyMode) -> Bool
+  /// `commit`, taking the parts of the unit's data that lie in `sources` (disk ranges, in
+  /// order, and where each starts in its file) from there. The unit's bytes are valid too.
+  func commit(_ prepared: AnyObject, sources: [(range: Range<Int64>, bytes: HostBytes)], mode: CopyMode) throws -> CopyTally
+}
+
 /// Clones or copies runs of a source file into an output file, falling back to writing.
 /// One per output; used from the writing thread only.
 public final class KernelCopier {

@@ -29,8 +29,9 @@ struct ConvertCommand: ParsableCommand {
       snapshot's own virtual size (qemu-img 7.2 gives it the image's current size). \
       `lacuna info` lists the snapshots.
 
-      Raw output takes the data of a raw source, or of a qcow2 source's uncompressed \
-      clusters, from the source file by the kernel where it can: on a file system that \
+      Raw output, and uncompressed qcow2 output's data clusters, take the data of a raw \
+      source, or of a qcow2 source's uncompressed clusters, from the source file by the \
+      kernel where it can: on a file system that \
       shares extents (XFS with reflink, btrfs) the output's blocks are cloned from the \
       source's, so the copy costs metadata only. Zero blocks still become holes (every \
       block is read and checked first). --copy-mode=auto (the default) clones where the \
@@ -111,7 +112,7 @@ struct ConvertCommand: ParsableCommand {
 
   @Option(
     name: .customLong("copy-mode"),
-    help: "How data from a plain source file reaches raw output: auto (default: clone where the file system shares extents, else write), clone, copy (copy_file_range), rw.")
+    help: "How data from a plain source file reaches raw or uncompressed qcow2 output: auto (default: clone where the file system shares extents, else write), clone, copy (copy_file_range), rw.")
   var copyMode: CopyModeOption = .auto
 
   @OptionGroup var access: ImageAccess

@@ -112,6 +112,20 @@ final class SharedExtentTests: QemuTestCase {
     XCTAssertEqual(flattened.status, 0, flattened.stderr)
     try assertSameAndSparse(source, fromQcow2)
     XCTAssertEqual(summaryCounts(flattened.stderr).cloned, 10 << 20, flattened.stderr)
+
+    // raw -> qcow2: the data clusters share the source's extents; qemu-img finds the image clean.
+    let toQcow2 = mountPoint + "/to.qcow2"
+    let stored = try lacuna("convert", "--summary", "-f", "raw", "-O", "qcow2", source, toQcow2)
+    XCTAssertEqual(stored.status, 0, stored.stderr)
+    XCTAssertEqual(summaryCounts(stored.stderr).cloned, 10 << 20, stored.stderr)
+    XCTAssertEqual(try qemuImg("compare", "-f", "raw", "-F", "qcow2", source, toQcow2).status, 0)
+    XCTAssertTrue(try qemuImg("check", toQcow2).stdout.contains("No errors were found"))
+    XCTAssertGreaterThan(try sharedExtents(toQcow2), 0)
+    // Compressed output is written, never cloned.
+    let compressed = try lacuna("convert", "--summary", "-c", "-f", "raw", "-O", "qcow2", source, mountPoint + "/c.qcow2")
+    XCTAssertEqual(compressed.status, 0, compressed.stderr)
+    XCTAssertEqual(summaryCounts(compressed.stderr).cloned, 0, compressed.stderr)
+    XCTAssertEqual(try qemuImg("compare", "-f", "raw", "-F", "qcow2", source, mountPoint + "/c.qcow2").status, 0)
   }
 
   func testXFSSharesExtents() throws { try checkCloning(on: "xfs") }
@@ -129,6 +143,11 @@ final class SharedExtentTests: QemuTestCase {
     let copy = try lacuna("convert", "--copy-mode=copy", "-f", "raw", "-O", "raw", source, path("copy.raw"))
     XCTAssertEqual(copy.status, 0, copy.stderr)
     try assertSameAndSparse(source, path("copy.raw"))
+    // raw -> qcow2 falls back the same way: the data clusters are written.
+    let qcow2 = try lacuna("convert", "-f", "raw", "-O", "qcow2", source, path("out.qcow2"))
+    XCTAssertEqual(qcow2.status, 0, qcow2.stderr)
+    XCTAssertEqual(try qemuImg("compare", "-f", "raw", "-F", "qcow2", source, path("out.qcow2")).status, 0)
+    XCTAssertTrue(try qemuImg("check", path("out.qcow2")).stdout.contains("No errors were found"))
     if summaryCounts(auto.stderr).cloned == 0 {
       let clone = try lacuna("convert", "--copy-mode=clone", "-f", "raw", "-O", "raw", source, path("clone.raw"))
       XCTAssertEqual(clone.status, 1, clone.stderr)
