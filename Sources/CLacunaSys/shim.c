@@ -6,6 +6,7 @@
 #include <linux/falloc.h>
 #include <linux/fs.h>
 #include <sys/ioctl.h>
+#include <sys/vfs.h>
 #include <signal.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -39,6 +40,12 @@ int lacuna_clone_range(int dest_fd, int64_t dest_offset, int source_fd, int64_t 
     .src_fd = source_fd, .src_offset = (uint64_t)source_offset, .src_length = (uint64_t)length,
     .dest_offset = (uint64_t)dest_offset};
   return ioctl(dest_fd, FICLONERANGE, &range);
+}
+
+int64_t lacuna_file_system_type(int fd) {
+  struct statfs info;
+  if (fstatfs(fd, &info) != 0) return 0;
+  return (int64_t)info.f_type;
 }
 
 int64_t lacuna_copy_range(int dest_fd, int64_t dest_offset, int source_fd, int64_t source_offset, int64_t length) {

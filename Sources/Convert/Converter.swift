@@ -140,9 +140,9 @@ public final class Converter {
   struct HostPiece {
     var range: Range<Int64>
     var bytes: HostBytes
-    /// The piece's bytes mapped from the source file (read there, not copied into the
-    /// unit's buffer), or nil when they are in the buffer.
-    var mapping: FileMapping?
+    /// The piece's bytes where they lie mapped from the source file (read there, not
+    /// copied into the unit's buffer), or nil when they are in the buffer.
+    var mapped: UnsafeRawBufferPointer?
   }
 
   /// One step for the writer, in disk order: runs to pass on as they are, or a unit whose
@@ -248,13 +248,17 @@ public final class Converter {
     let copyMode = options.copyMode
     // A writer that prepares units needs their bytes in the buffer; only one that writes
     // from them directly lets the workers check mapped source bytes instead.
-    let mapSources = copying != nil && !(writer is PreparingImageWriter)
+    let mapSources = copying != nil && !(writer is PreparingImageWriter) && options.copyMode != .rw
+    // One mapping per layer file, made once; kept (so the pointers stay valid) until the end.
+    let mappings: [FileMapping?] =
+      mapSources && copying!.copies(in: options.copyMode)
+      ? (chain?.layers.map { $0.plainHostFile.flatMap { FileMapping(file: $0) } } ?? []) : []
     let pipeline = OrderedPipeline<Job, FilledUnit>(
       threads: options.threads, capacity: options.threads * 4
     ) { [writer] job in
       let filled = try Converter.fill(
         job, chain: chain, sparseSize: sparseSize, pool: pool, base: base, granularity: granularity,
-        mapSources: mapSources)
+        mappings: mappings)
       if let preparing = writer as? PreparingImageWriter {
         filled.prepared = try preparing.prepare(
           UnsafeRawBufferPointer(rebasing: filled.buffer[0..<filled.length]), at: filled.start,
@@ -262,7 +266,10 @@ public final class Converter {
       }
       return filled
     }
-    defer { pipeline.shutdown() }
+    defer {
+      pipeline.shutdown()
+      withExtendedLifetime(mappings) {}
+    }
 
     // Items waiting for the writer, in disk order; units are placeholders for results.
     var waiting: [Item] = []
@@ -288,10 +295,10 @@ public final class Converter {
           if unit.prepared != nil { break }
           func bytes(_ range: Range<Int64>) -> UnsafeRawBufferPointer {
             if let piece = unit.hostPieces.first(where: { $0.range.contains(range.lowerBound) }),
-              let mapping = piece.mapping
+              let mapped = piece.mapped
             {
               return UnsafeRawBufferPointer(
-                rebasing: mapping.bytes[Int(range.lowerBound - piece.range.lowerBound)..<Int(range.upperBound - piece.range.lowerBound)])
+                rebasing: mapped[Int(range.lowerBound - piece.range.lowerBound)..<Int(range.upperBound - piece.range.lowerBound)])
             }
             return UnsafeRawBufferPointer(
               rebasing: unit.buffer[Int(range.lowerBound - unit.start)..<Int(range.upperBound - unit.start)])
@@ -599,7 +606,7 @@ public final class Converter {
   /// Segments known to be zero are not read.
   static func fill(
     _ job: Job, chain: Chain?, sparseSize: Int, pool: BufferPool, base: Chain? = nil, granularity: Int64 = 1,
-    mapSources: Bool = false
+    mappings: [FileMapping?] = []
   ) throws -> FilledUnit {
     let segments = job.segments
     let start = segments.first!.range.lowerBound
@@ -624,9 +631,9 @@ public final class Converter {
           // zeros where it lies in the page cache (mapped), not copied out first: only
           // the blocks the writer cannot clone are ever copied.
           if let host = segment.hostOffset, let file = chain!.layers[depth].plainHostFile {
-            let mapping = mapSources ? FileMapping(file: file, range: host..<host + Int64(slice.count)) : nil
-            if let mapping {
-              for piece in zeroRuns(mapping.bytes, at: segment.range.lowerBound, blockSize: sparseSize) {
+            let mapped = depth < mappings.count ? mappings[depth]?.bytes(host..<host + Int64(slice.count)) : nil
+            if let mapped {
+              for piece in zeroRuns(mapped, at: segment.range.lowerBound, blockSize: sparseSize) {
                 runs.append(Run(range: piece.range, kind: piece.isZero ? .zero : .data, scanned: true))
               }
             } else {
@@ -634,7 +641,7 @@ public final class Converter {
               scan(slice, at: segment.range.lowerBound)
             }
             bytesRead += Int64(slice.count)
-            hostPieces.append(HostPiece(range: segment.range, bytes: HostBytes(file: file, offset: host), mapping: mapping))
+            hostPieces.append(HostPiece(range: segment.range, bytes: HostBytes(file: file, offset: host), mapped: mapped))
             break
           }
           try chain!.layers[depth].read(into: slice, at: segment.range.lowerBound)

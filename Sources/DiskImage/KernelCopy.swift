@@ -82,7 +82,13 @@ public final class KernelCopier {
     self.destination = destination
     var info = statvfs()
     blockSize = fstatvfs(destination.descriptor, &info) == 0 && info.f_bsize > 0 ? Int64(info.f_bsize) : 4096
+    // File systems known never to share extents: auto does not even try (nor map the
+    // source to check it in place), it writes from the start.
+    canClone = !Self.neverShares.contains(lacuna_file_system_type(destination.descriptor))
   }
+
+  /// ext2/3/4, tmpfs, ramfs.
+  private static let neverShares: Set<Int64> = [0xEF53, 0x0102_1994, 0x8584_58f6]
 
   public func copies(in mode: CopyMode) -> Bool {
     switch mode {
@@ -165,28 +171,31 @@ public final class KernelCopier {
   }
 }
 
-/// A read-only mapping of part of a file, unmapped when released. The engine checks data
-/// it may clone for zeros here, in the page cache, instead of copying it out with pread.
-/// Only ranges inside the file's size are mapped (nil otherwise, or where mmap fails: the
-/// caller reads instead).
+/// A read-only mapping of a whole file, unmapped when released. The engine checks data it
+/// may clone for zeros here, in the page cache, instead of copying it out with pread: one
+/// mapping per source file for the whole conversion, so no mmap/munmap per unit. Nil for
+/// an empty file or where mmap fails (the caller reads instead). A file truncated under
+/// the conversion would fault (SIGBUS) where a read would fail.
 public final class FileMapping: @unchecked Sendable {
   private let base: UnsafeMutableRawPointer
-  private let length: Int
-  /// The mapped range's bytes.
-  public let bytes: UnsafeRawBufferPointer
+  public let length: Int
 
-  public init?(file: ImageFile, range: Range<Int64>) {
-    guard !range.isEmpty, let size = try? file.size(), range.upperBound <= size else { return nil }
-    let page = Int64(sysconf(Int32(_SC_PAGESIZE)))
-    let start = range.lowerBound / page * page
-    let length = Int(range.upperBound - start)
-    guard let pointer = mmap(nil, length, PROT_READ, MAP_SHARED, file.descriptor, off_t(start)),
-      pointer != MAP_FAILED
+  public init?(file: ImageFile) {
+    guard let size = try? file.size(), size > 0, let length = Int(exactly: size) else { return nil }
+    guard let pointer = mmap(nil, length, PROT_READ, MAP_SHARED, file.descriptor, 0), pointer != MAP_FAILED
     else { return nil }
-    _ = madvise(pointer, length, MADV_SEQUENTIAL)
     base = pointer
     self.length = length
-    bytes = UnsafeRawBufferPointer(start: pointer + Int(range.lowerBound - start), count: range.count)
+  }
+
+  /// The bytes of `range` of the file (inside it), their page tables filled in one call
+  /// (MADV_POPULATE_READ, where the kernel has it) rather than fault by fault.
+  public func bytes(_ range: Range<Int64>) -> UnsafeRawBufferPointer? {
+    guard range.lowerBound >= 0, range.upperBound <= Int64(length), !range.isEmpty else { return nil }
+    let page = Int64(4096)
+    let start = range.lowerBound / page * page
+    _ = madvise(base + Int(start), Int(range.upperBound - start), 22 /* MADV_POPULATE_READ */)
+    return UnsafeRawBufferPointer(start: base + Int(range.lowerBound), count: range.count)
   }
 
   deinit { munmap(base, length) }
