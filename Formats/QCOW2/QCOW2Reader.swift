@@ -134,6 +134,9 @@ public final class QCOW2Reader: ImageReader {
     return fields
   }
 
+  /// Uncompressed clusters sit plainly in the image file at their host offsets.
+  public var plainHostFile: ImageFile? { source as? ImageFile }
+
   // MARK: - The allocation map
 
   public func extents(in range: Range<Int64>) throws -> [Extent] {

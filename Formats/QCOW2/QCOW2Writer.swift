@@ -16,7 +16,7 @@ import DiskImage
 ///   L1 table and, last, the header in cluster 0; then fsyncs and renames the file into
 ///   place. Until the header exists the file is not a qcow2 image at all, and it sits under
 ///   a temporary name besides, so a crash leaves nothing that could be mistaken for output.
-public final class QCOW2Writer: PreparingImageWriter {
+public final class QCOW2Writer: CopyingPreparingImageWriter {
   let output: ByteTarget
   let file: ByteTarget
   let settings: Settings
@@ -33,6 +33,9 @@ public final class QCOW2Writer: PreparingImageWriter {
   /// Entries in the L1 table: enough L2 tables to map the whole virtual disk.
   let l1Size: Int
   private let codecs: CodecPool?
+  /// Takes uncompressed data clusters from a plain source file by the kernel (shared
+  /// extents where the file system has them); nil for compressed or streamed output.
+  private let copier: KernelCopier?
 
   /// The host offset of each L2 table written so far (0: none yet).
   var l2Offsets: [Int64]
@@ -121,7 +124,12 @@ public final class QCOW2Writer: PreparingImageWriter {
     }
     l1Size = Int(tables)
     l2Offsets = [Int64](repeating: 0, count: l1Size)
-    codecs = options.compress ? CodecPool(type: settings.compressionType) : nil
+    codecs = options.compress ? CodecPool(type: settings.compressionType, level: settings.compressionLevel) : nil
+    if !options.compress, let file = output as? OutputFile, !file.isStandardOutput {
+      copier = KernelCopier(destination: file.file)
+    } else {
+      copier = nil
+    }
     // Refuse now, not after the data, a backing name that cannot fit in cluster 0.
     try headerBytes(l1Offset: 0, refcountTableOffset: 0, refcountTableClusters: 0)
   }
@@ -314,12 +322,75 @@ public final class QCOW2Writer: PreparingImageWriter {
     } else {
       preconditionFailure("commit got an object prepare did not make")
     }
+    try committed(upTo: end)
+  }
+
+  /// After a unit: what lies before its end is final.
+  private func committed(upTo end: Int64) throws {
     if !partialZeroes.isEmpty {
       let endCluster = (end + Int64(clusterSize) - 1) >> Int64(clusterBits)
       partialZeroes = partialZeroes.filter { $0.key >= endCluster }
     }
     // Everything before the end of a committed unit is final: the engine moves on.
     try flushTables(endingBy: end)
+  }
+
+  public func copies(in mode: CopyMode) -> Bool { copier?.copies(in: mode) ?? false }
+
+  /// `commit` for an uncompressed unit whose data lies (partly) in plain source files: those
+  /// parts go to their host clusters by the kernel (cloned where the file system shares
+  /// extents: host clusters and source blocks are both cluster- or block-aligned), in runs
+  /// of host-contiguous clusters; the rest is written.
+  public func commit(
+    _ prepared: AnyObject, sources: [(range: Range<Int64>, bytes: HostBytes)], mode: CopyMode
+  ) throws -> CopyTally {
+    guard let unit = prepared as? PlainUnit, let copier else {
+      try commit(prepared)
+      return CopyTally()
+    }
+    var tally = CopyTally()
+    let bits = Int64(clusterBits)
+    func bytes(_ range: Range<Int64>) -> UnsafeRawBufferPointer {
+      UnsafeRawBufferPointer(rebasing: unit.bytes[Int(range.lowerBound - unit.start)..<Int(range.upperBound - unit.start)])
+    }
+    func copy(_ range: Range<Int64>, from source: HostBytes) throws {
+      var pending: (virtual: Int64, host: Int64, count: Int64)?
+      func flush() throws {
+        guard let run = pending else { return }
+        tally += try copier.write(
+          bytes(run.virtual..<run.virtual + run.count), at: run.host,
+          from: HostBytes(file: source.file, offset: source.offset + run.virtual - range.lowerBound), mode: mode)
+        pending = nil
+      }
+      var position = range.lowerBound
+      while position < range.upperBound {
+        let cluster = position >> bits
+        let inCluster = position - (cluster << bits)
+        let count = min(range.upperBound - position, Int64(clusterSize) - inCluster)
+        let host = try hostCluster(forWriting: cluster) + inCluster
+        if let run = pending, run.host + run.count == host {
+          pending!.count += count
+        } else {
+          try flush()
+          pending = (position, host, count)
+        }
+        position += count
+      }
+      try flush()
+    }
+    for range in unit.dataRanges {
+      var position = range.lowerBound
+      for source in sources where source.range.upperBound > position && source.range.lowerBound < range.upperBound {
+        let part = max(source.range.lowerBound, position)..<min(source.range.upperBound, range.upperBound)
+        if part.lowerBound > position { try writeData(bytes(position..<part.lowerBound), at: position) }
+        try copy(
+          part, from: HostBytes(file: source.bytes.file, offset: source.bytes.offset + part.lowerBound - source.range.lowerBound))
+        position = part.upperBound
+      }
+      if position < range.upperBound { try writeData(bytes(position..<range.upperBound), at: position) }
+    }
+    try committed(upTo: unit.start + Int64(unit.bytes.count))
+    return tally
   }
 
   public func finish() throws {

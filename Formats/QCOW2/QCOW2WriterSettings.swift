@@ -13,6 +13,8 @@ extension QCOW2Writer {
     /// log2 of refcount_bits (qemu's refcount_order).
     var refcountOrder = 4
     var compressionType: CompressionType = .zlib
+    /// `compression_level`: nil for the type's default (zlib 4, zstd 3).
+    var compressionLevel: Int32?
     var preallocation: Preallocation = .off
 
     var clusterSize: Int { 1 << clusterBits }
@@ -20,7 +22,7 @@ extension QCOW2Writer {
 
     /// The `-o` keys the writer takes; anything else is refused.
     static let knownKeys: Set<String> = [
-      "compat", "cluster_size", "refcount_bits", "preallocation", "compression_type", "lazy_refcounts",
+      "compat", "cluster_size", "refcount_bits", "preallocation", "compression_type", "compression_level", "lazy_refcounts",
     ]
 
     /// Parses and cross-checks `options`; errors name `path` and say what was expected.
@@ -63,6 +65,19 @@ extension QCOW2Writer {
           throw usage("compression_type \(text) needs compat=1.1 (compat=0.10 images are always zlib)")
         }
         compressionType = type
+      }
+
+      if let text = values["compression_level"] {
+        let range = compressionType.levels
+        guard let level = Int32(text), range.contains(level) else {
+          throw usage(
+            "compression_level '\(text)' is not a level of \(compressionType.rawValue) "
+              + "(\(range.lowerBound) to \(range.upperBound))")
+        }
+        guard options.compress else {
+          throw usage("compression_level needs compressed output (-c)")
+        }
+        compressionLevel = level
       }
 
       if let text = values["preallocation"] {

@@ -8,6 +8,7 @@ public final class RawReader: ImageReader {
   public let virtualSize: Int64
   public var formatName: String { "raw" }
   public var backing: BackingReference? { nil }
+  public var plainHostFile: ImageFile? { source as? ImageFile }
 
   public init(source: ByteSource) throws {
     self.source = source

@@ -5,11 +5,17 @@ import DiskImage
 /// `-o preallocation=`: `off` (default) sizes the file with ftruncate and never writes a
 /// zero block, so creating many images at once never races for space; `falloc` reserves
 /// every block with fallocate; `full` writes zeros over every range that holds no data.
-public final class RawWriter: ImageWriter {
+///
+/// Data the engine read from a plain source file (a raw image, uncompressed qcow2 clusters)
+/// can be taken from there by the kernel (`CopyingImageWriter`): shared extents where the
+/// file system has them, else copy_file_range or written, as `--copy-mode` says.
+public final class RawWriter: CopyingImageWriter {
   public enum Preallocation: String { case off, falloc, full }
 
   private let target: ByteTarget
   private let preallocation: Preallocation
+  /// For an output that is a file (not standard output).
+  private let copier: KernelCopier?
   public var granularity: Int { 1 }
 
   public init(target: ByteTarget, virtualSize: Int64, options: WriterOptions) throws {
@@ -26,12 +32,33 @@ public final class RawWriter: ImageWriter {
     }
     self.target = target
     self.preallocation = mode
+    if let output = target as? OutputFile, !output.isStandardOutput {
+      copier = KernelCopier(destination: output.file)
+    } else if let output = target as? InPlaceTarget, !output.file.isBlockDevice {
+      copier = KernelCopier(destination: output.file)
+    } else {
+      copier = nil
+    }
     try target.truncate(to: virtualSize)
     if mode == .falloc { try target.allocate(0..<virtualSize) }
   }
 
   public func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64) throws {
     try target.write(bytes, at: offset)
+  }
+
+  public func copies(in mode: CopyMode) -> Bool { copier?.copies(in: mode) ?? false }
+
+  public func write(
+    _ bytes: UnsafeRawBufferPointer, at offset: Int64, from source: HostBytes, mode: CopyMode
+  ) throws -> CopyTally {
+    guard let copier else {
+      try target.write(bytes, at: offset)
+      var tally = CopyTally()
+      tally.written = Int64(bytes.count)
+      return tally
+    }
+    return try copier.write(bytes, at: offset, from: source, mode: mode)
   }
 
   public func writeZeroes(_ range: Range<Int64>) throws {

@@ -6,6 +6,7 @@
 #include <linux/falloc.h>
 #include <linux/fs.h>
 #include <sys/ioctl.h>
+#include <sys/vfs.h>
 #include <signal.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -32,6 +33,24 @@ int lacuna_punch_hole(int fd, int64_t offset, int64_t length) {
 int lacuna_zero_file_range(int fd, int64_t offset, int64_t length) {
   if (fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length) == 0) return 0;
   return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);
+}
+
+int lacuna_clone_range(int dest_fd, int64_t dest_offset, int source_fd, int64_t source_offset, int64_t length) {
+  struct file_clone_range range = {
+    .src_fd = source_fd, .src_offset = (uint64_t)source_offset, .src_length = (uint64_t)length,
+    .dest_offset = (uint64_t)dest_offset};
+  return ioctl(dest_fd, FICLONERANGE, &range);
+}
+
+int64_t lacuna_file_system_type(int fd) {
+  struct statfs info;
+  if (fstatfs(fd, &info) != 0) return 0;
+  return (int64_t)info.f_type;
+}
+
+int64_t lacuna_copy_range(int dest_fd, int64_t dest_offset, int source_fd, int64_t source_offset, int64_t length) {
+  loff_t in = (loff_t)source_offset, out = (loff_t)dest_offset;
+  return (int64_t)copy_file_range(source_fd, &in, dest_fd, &out, (size_t)length, 0);
 }
 
 int lacuna_zero_device_range(int fd, int64_t offset, int64_t length) {

@@ -51,11 +51,31 @@ public protocol Codec: AnyObject {
   func compress(_ input: UnsafeRawBufferPointer) throws -> [UInt8]?
 }
 
-/// Makes a codec of `type` with its own library context.
-public func makeCodec(_ type: CompressionType) throws -> Codec {
+/// Makes a codec of `type` with its own library context, compressing at `level` (nil: the
+/// type's default, `defaultLevel`).
+public func makeCodec(_ type: CompressionType, level: Int32? = nil) throws -> Codec {
   switch type {
-  case .zlib: return try ZlibCodec()
-  case .zstd: return try ZstdCodec()
+  case .zlib: return try ZlibCodec(level: level ?? ZlibCodec.defaultLevel)
+  case .zstd: return try ZstdCodec(level: level ?? ZstdCodec.defaultLevel)
+  }
+}
+
+extension CompressionType {
+  /// The compression levels the library takes for qcow2 clusters: zlib 1-9, zstd 1-19
+  /// (zstd's 20-22 need a window larger than a cluster and gain nothing on one).
+  public var levels: ClosedRange<Int32> {
+    switch self {
+    case .zlib: return 1...9
+    case .zstd: return 1...19
+    }
+  }
+
+  /// The level used when none is asked for.
+  public var defaultLevel: Int32 {
+    switch self {
+    case .zlib: return ZlibCodec.defaultLevel
+    case .zstd: return ZstdCodec.defaultLevel
+    }
   }
 }
 

@@ -6,15 +6,20 @@ import DiskImage
 /// once per concurrent thread, not once per cluster.
 public final class CodecPool: @unchecked Sendable {
   public let type: CompressionType
+  /// The level codecs compress at; nil for the type's default.
+  public let level: Int32?
   private let lock = Lock()
   private var idle: [Codec] = []
 
-  public init(type: CompressionType) { self.type = type }
+  public init(type: CompressionType, level: Int32? = nil) {
+    self.type = type
+    self.level = level
+  }
 
   /// A codec no other thread is using; give it back with `giveBack`.
   public func take() throws -> Codec {
     if let codec = lock.withLock({ idle.popLast() }) { return codec }
-    return try makeCodec(type)
+    return try makeCodec(type, level: level)
   }
 
   public func giveBack(_ codec: Codec) { lock.withLock { idle.append(codec) } }

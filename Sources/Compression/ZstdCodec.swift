@@ -12,7 +12,10 @@ public final class ZstdCodec: Codec {
   /// decoder allocate more than a few clusters' worth; qcow2 clusters are at most 2 MiB.
   private static let maximumWindowLog: Int32 = 23
 
-  public init(level: Int32 = 3) throws {
+  /// zstd's own default level.
+  public static let defaultLevel: Int32 = 3
+
+  public init(level: Int32 = ZstdCodec.defaultLevel) throws {
     guard let decompressor = ZSTD_createDCtx() else { throw CompressionError("zstd: cannot create a decompression context") }
     guard let compressor = ZSTD_createCCtx() else {
       ZSTD_freeDCtx(decompressor)

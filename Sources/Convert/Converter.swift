@@ -28,6 +28,9 @@ public struct ConvertOptions {
   public var windowSize: Int64 = 1 << 30
   /// The output's backing file (`-B`).
   public var backing: OutputBacking = .none
+  /// How data that lies plainly in a source file reaches a writer that can take it from
+  /// there (`CopyingImageWriter`): shared extents, a kernel copy, or written (`--copy-mode`).
+  public var copyMode: CopyMode = .auto
   /// Called with (bytes done, bytes total) as the work proceeds, from the writing thread.
   public var progress: ((Int64, Int64) -> Void)?
   /// Asked after each unit is written: true stops the conversion with `ConversionCancelled`
@@ -44,6 +47,10 @@ public struct ConvertStatistics: Equatable {
   public var bytesRead: Int64 = 0
   /// Bytes handed to the writer as data.
   public var bytesWritten: Int64 = 0
+  /// Of `bytesWritten`: bytes the output shares with the source (cloned extents).
+  public var bytesCloned: Int64 = 0
+  /// Of `bytesWritten`: bytes the kernel copied from the source (copy_file_range).
+  public var bytesCopied: Int64 = 0
   /// Bytes read that turned out to be zero blocks and were not written.
   public var zeroBytesSkipped: Int64 = 0
   /// Bytes the map said were holes or zeros: never read.
@@ -129,9 +136,22 @@ public final class Converter {
   struct Segment: RangeRun {
     var range: Range<Int64>
     var source: Source
+    /// For a layer's data the kernel may copy: where it starts in the layer's plain host
+    /// file (`ImageReader.plainHostFile`); nil otherwise.
+    var hostOffset: Int64? = nil
     func canMerge(with next: Segment) -> Bool {
       source == next.source && range.upperBound == next.range.lowerBound
+        && hostOffsetsContinue(hostOffset, length: Int64(range.count), next.hostOffset)
     }
+  }
+
+  /// A run of a unit's data that lies plainly in a source file.
+  struct HostPiece {
+    var range: Range<Int64>
+    var bytes: HostBytes
+    /// The piece's bytes where they lie mapped from the source file (read there, not
+    /// copied into the unit's buffer), or nil when they are in the buffer.
+    var mapped: UnsafeRawBufferPointer?
   }
 
   /// One step for the writer, in disk order: runs to pass on as they are, or a unit whose
@@ -171,6 +191,9 @@ public final class Converter {
     let bytesRead: Int64
     /// Bytes the map said were zeros, filled in to be written as data (`-S 0`).
     var filledBytes: Int64 = 0
+    /// Where the unit's data lies plainly in source files, in disk order (only when the
+    /// writer can take it from there).
+    var hostPieces: [HostPiece] = []
     /// What a `PreparingImageWriter` made of the unit on the worker thread.
     var prepared: AnyObject?
 
@@ -229,11 +252,22 @@ public final class Converter {
     let pool = BufferPool(size: Int(unit), limit: options.threads * 5 + 2)
     let chain: Chain? = if case .chain(let chain) = input { chain } else { nil }
     let base: Chain? = if case .compared(let base) = options.backing { base } else { nil }
+    let copying = writer as? CopyingImageWriter
+    let copyingPreparer = writer as? CopyingPreparingImageWriter
+    let copyMode = options.copyMode
+    // A writer that prepares units needs their bytes in the buffer; only one that writes
+    // from them directly lets the workers check mapped source bytes instead.
+    let mapSources = copying != nil && !(writer is PreparingImageWriter) && options.copyMode != .rw
+    // One mapping per layer file, made once; kept (so the pointers stay valid) until the end.
+    let mappings: [FileMapping?] =
+      mapSources && copying!.copies(in: options.copyMode)
+      ? (chain?.layers.map { $0.plainHostFile.flatMap { FileMapping(file: $0) } } ?? []) : []
     let pipeline = OrderedPipeline<Job, FilledUnit>(
       threads: options.threads, capacity: options.threads * 4
     ) { [writer] job in
       let filled = try Converter.fill(
-        job, chain: chain, sparseSize: sparseSize, pool: pool, base: base, granularity: granularity)
+        job, chain: chain, sparseSize: sparseSize, pool: pool, base: base, granularity: granularity,
+        mappings: mappings)
       if let preparing = writer as? PreparingImageWriter {
         filled.prepared = try preparing.prepare(
           UnsafeRawBufferPointer(rebasing: filled.buffer[0..<filled.length]), at: filled.start,
@@ -241,7 +275,10 @@ public final class Converter {
       }
       return filled
     }
-    defer { pipeline.shutdown() }
+    defer {
+      pipeline.shutdown()
+      withExtendedLifetime(mappings) {}
+    }
 
     // Items waiting for the writer, in disk order; units are placeholders for results.
     var waiting: [Item] = []
@@ -265,9 +302,39 @@ public final class Converter {
           let unit = filled!
           statistics.bytesWritten += Int64(run.range.count)
           if unit.prepared != nil { break }
-          let slice = UnsafeRawBufferPointer(
-            rebasing: unit.buffer[Int(run.range.lowerBound - unit.start)..<Int(run.range.upperBound - unit.start)])
-          try writer.write(slice, at: run.range.lowerBound)
+          func bytes(_ range: Range<Int64>) -> UnsafeRawBufferPointer {
+            if let piece = unit.hostPieces.first(where: { $0.range.contains(range.lowerBound) }),
+              let mapped = piece.mapped
+            {
+              return UnsafeRawBufferPointer(
+                rebasing: mapped[Int(range.lowerBound - piece.range.lowerBound)..<Int(range.upperBound - piece.range.lowerBound)])
+            }
+            return UnsafeRawBufferPointer(
+              rebasing: unit.buffer[Int(range.lowerBound - unit.start)..<Int(range.upperBound - unit.start)])
+          }
+          guard let copying, !unit.hostPieces.isEmpty else {
+            try writer.write(bytes(run.range), at: run.range.lowerBound)
+            break
+          }
+          // The parts that lie in a source file go by the kernel; the rest is written.
+          var position = run.range.lowerBound
+          for piece in unit.hostPieces
+          where piece.range.upperBound > position && piece.range.lowerBound < run.range.upperBound {
+            let part = max(piece.range.lowerBound, position)..<min(piece.range.upperBound, run.range.upperBound)
+            if part.lowerBound > position {
+              try writer.write(bytes(position..<part.lowerBound), at: position)
+            }
+            let tally = try copying.write(
+              bytes(part), at: part.lowerBound,
+              from: HostBytes(file: piece.bytes.file, offset: piece.bytes.offset + part.lowerBound - piece.range.lowerBound),
+              mode: copyMode)
+            statistics.bytesCloned += tally.cloned
+            statistics.bytesCopied += tally.copied
+            position = part.upperBound
+          }
+          if position < run.range.upperBound {
+            try writer.write(bytes(position..<run.range.upperBound), at: position)
+          }
         case .zero:
           if let open = zeros, open.upperBound == run.range.lowerBound {
             zeros = open.lowerBound..<run.range.upperBound
@@ -285,7 +352,14 @@ public final class Converter {
       }
       if let prepared = filled?.prepared {
         try flushZeros()
-        try (writer as! PreparingImageWriter).commit(prepared)
+        if let copyingPreparer, let pieces = filled?.hostPieces, !pieces.isEmpty {
+          let tally = try copyingPreparer.commit(
+            prepared, sources: pieces.map { ($0.range, $0.bytes) }, mode: copyMode)
+          statistics.bytesCloned += tally.cloned
+          statistics.bytesCopied += tally.copied
+        } else {
+          try (writer as! PreparingImageWriter).commit(prepared)
+        }
       }
       options.progress?(done, total)
       if options.isCancelled?() == true { throw ConversionCancelled() }
@@ -318,6 +392,15 @@ public final class Converter {
       while waiting.count - waitingHead > 4096 { try drainOne() }
     }
 
+    /// The layers whose data the writer may take from their files, for this window (none
+    /// once the writer has found it cannot).
+    func hostFiles() -> [ImageFile?] {
+      guard let chain, copying?.copies(in: copyMode) ?? copyingPreparer?.copies(in: copyMode) ?? false else {
+        return []
+      }
+      return chain.layers.map(\.plainHostFile)
+    }
+
     switch input {
     case .chain(let chain):
       var windowStart: Int64 = 0
@@ -330,9 +413,11 @@ public final class Converter {
             source: chain, base: base, range: windowStart..<windowEnd, granularity: granularity)
         case .chainLayer(let depth):
           segments = Converter.plan(
-            try chain.extents(in: windowStart..<windowEnd, stopDepth: depth), writeZeroBlocks: sparseSize == 0)
+            try chain.extents(in: windowStart..<windowEnd, stopDepth: depth), writeZeroBlocks: sparseSize == 0,
+            hostFiles: hostFiles())
         case .none:
-          segments = Converter.plan(try chain.extents(in: windowStart..<windowEnd), writeZeroBlocks: sparseSize == 0)
+          segments = Converter.plan(
+            try chain.extents(in: windowStart..<windowEnd), writeZeroBlocks: sparseSize == 0, hostFiles: hostFiles())
         }
         window.adjust(after: segments.count)
         for item in Converter.items(segments, unit: unit, granularity: granularity) { try enqueue(item) }
@@ -410,16 +495,24 @@ public final class Converter {
   }
 
   /// What the engine does with each extent of the layered map.
-  static func plan(_ extents: [LayeredExtent], writeZeroBlocks: Bool) -> [Segment] {
-    extents.map { extent in
+  /// Data of a layer whose entry in `hostFiles` is a file keeps its host offset, so the
+  /// writer can take it from there.
+  static func plan(_ extents: [LayeredExtent], writeZeroBlocks: Bool, hostFiles: [ImageFile?] = []) -> [Segment] {
+    var result: [Segment] = []
+    result.reserveCapacity(extents.count)
+    for extent in extents {
       let source: Source
+      var hostOffset: Int64?
       switch extent.kind {
-      case .data: source = .layer(extent.depth)
+      case .data:
+        source = .layer(extent.depth)
+        if extent.depth < hostFiles.count, hostFiles[extent.depth] != nil { hostOffset = extent.hostOffset }
       case .zero: source = writeZeroBlocks ? .zeroFilled : .zero
       case .unallocated: source = .backing
       }
-      return Segment(range: extent.range, source: source)
+      result.append(Segment(range: extent.range, source: source, hostOffset: hostOffset))
     }
+    return result
   }
 
   /// Cuts a window's plan into writer steps: each unit-sized, unit-aligned chunk of the
@@ -473,7 +566,10 @@ public final class Converter {
           }
         }
         let end = min(step.range.upperBound, chunkEnd)
-        chunk.appendMerging(Segment(range: position..<end, source: source))
+        chunk.appendMerging(
+          Segment(
+            range: position..<end, source: source,
+            hostOffset: step.hostOffset.map { $0 + position - step.range.lowerBound }))
         position = end
       }
     }
@@ -519,7 +615,8 @@ public final class Converter {
   /// then split them into data and zero runs at `sparseSize` blocks aligned to the disk.
   /// Segments known to be zero are not read.
   static func fill(
-    _ job: Job, chain: Chain?, sparseSize: Int, pool: BufferPool, base: Chain? = nil, granularity: Int64 = 1
+    _ job: Job, chain: Chain?, sparseSize: Int, pool: BufferPool, base: Chain? = nil, granularity: Int64 = 1,
+    mappings: [FileMapping?] = []
   ) throws -> FilledUnit {
     let segments = job.segments
     let start = segments.first!.range.lowerBound
@@ -528,6 +625,7 @@ public final class Converter {
     var runs: [Run] = []
     var bytesRead: Int64 = 0
     var filledBytes: Int64 = 0
+    var hostPieces: [HostPiece] = []
     func scan(_ slice: UnsafeMutableRawBufferPointer, at offset: Int64) {
       for piece in zeroRuns(UnsafeRawBufferPointer(slice), at: offset, blockSize: sparseSize) {
         runs.append(Run(range: piece.range, kind: piece.isZero ? .zero : .data, scanned: true))
@@ -539,6 +637,23 @@ public final class Converter {
           rebasing: buffer[Int(segment.range.lowerBound - start)..<Int(segment.range.upperBound - start)])
         switch segment.source {
         case .layer(let depth):
+          // Data the writer may take from the source file by the kernel is checked for
+          // zeros where it lies in the page cache (mapped), not copied out first: only
+          // the blocks the writer cannot clone are ever copied.
+          if let host = segment.hostOffset, let file = chain!.layers[depth].plainHostFile {
+            let mapped = depth < mappings.count ? mappings[depth]?.bytes(host..<host + Int64(slice.count)) : nil
+            if let mapped {
+              for piece in zeroRuns(mapped, at: segment.range.lowerBound, blockSize: sparseSize) {
+                runs.append(Run(range: piece.range, kind: piece.isZero ? .zero : .data, scanned: true))
+              }
+            } else {
+              try chain!.layers[depth].read(into: slice, at: segment.range.lowerBound)
+              scan(slice, at: segment.range.lowerBound)
+            }
+            bytesRead += Int64(slice.count)
+            hostPieces.append(HostPiece(range: segment.range, bytes: HostBytes(file: file, offset: host), mapped: mapped))
+            break
+          }
           try chain!.layers[depth].read(into: slice, at: segment.range.lowerBound)
           bytesRead += Int64(slice.count)
           scan(slice, at: segment.range.lowerBound)
@@ -571,6 +686,7 @@ public final class Converter {
     let filled = FilledUnit(
       start: start, buffer: buffer, length: Int(end - start), pool: pool, runs: runs.merged(), bytesRead: bytesRead)
     filled.filledBytes = filledBytes
+    filled.hostPieces = hostPieces
     return filled
   }
 }

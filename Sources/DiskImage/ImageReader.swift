@@ -47,6 +47,10 @@ public protocol ImageReader: AnyObject {
   /// of the same file and backing file that answers from the snapshot's tables. Throws
   /// naming the image when no snapshot matches or the format keeps none.
   func opening(snapshot: SnapshotSelector) throws -> ImageReader
+  /// The file whose bytes the `hostOffset` of this layer's data extents point at, stored
+  /// plainly (no compression, no encryption), so the kernel can copy or share them; nil
+  /// where there is none.
+  var plainHostFile: ImageFile? { get }
 
   /// Contiguous extents that cover a prefix of `range`, in order, starting at
   /// `range.lowerBound`. The range is a hint: an implementation may answer for less
@@ -66,6 +70,7 @@ extension ImageReader {
   public var companionSources: [ByteSource] { [] }
   public func checkBacking(_ parent: ImageReader) throws {}
   public var snapshots: [SnapshotInfo] { [] }
+  public var plainHostFile: ImageFile? { nil }
   public func opening(snapshot: SnapshotSelector) throws -> ImageReader {
     throw ImageError.unsupported(
       path: path, "\(formatName) images hold no internal snapshots; cannot read snapshot \(snapshot)")

@@ -28,6 +28,17 @@ struct ConvertCommand: ParsableCommand {
       name), as in qemu-img; -s ID_OR_NAME is the old spelling. The output has the \
       snapshot's own virtual size (qemu-img 7.2 gives it the image's current size). \
       `lacuna info` lists the snapshots.
+
+      Raw output, and uncompressed qcow2 output's data clusters, take the data of a raw \
+      source, or of a qcow2 source's uncompressed clusters, from the source file by the \
+      kernel where it can: on a file system that \
+      shares extents (XFS with reflink, btrfs) the output's blocks are cloned from the \
+      source's, so the copy costs metadata only. Zero blocks still become holes (every \
+      block is read and checked first). --copy-mode=auto (the default) clones where the \
+      file system can and writes otherwise; clone insists (an error where it cannot); \
+      copy uses copy_file_range; rw always writes the bytes read. --summary says how \
+      many bytes were cloned and copied.
+        lacuna convert --copy-mode=clone -O raw /xfs/disk.img /xfs/copy.img
       """)
 
   @Option(
@@ -139,6 +150,11 @@ struct ConvertCommand: ParsableCommand {
   @Flag(name: .customLong("summary"), help: "Print a summary line when done (bytes read, written, skipped; time).")
   var summary = false
 
+  @Option(
+    name: .customLong("copy-mode"),
+    help: "How data from a plain source file reaches raw or uncompressed qcow2 output: auto (default: clone where the file system shares extents, else write), clone, copy (copy_file_range), rw.")
+  var copyMode: CopyModeOption = .auto
+
   @OptionGroup var access: ImageAccess
 
   @Argument(help: "The source image.")
@@ -174,6 +190,7 @@ struct ConvertCommand: ParsableCommand {
     request.targetIsZero = targetIsZero
     request.engine.sparseSize = Int(parseByteSize(sparseSize)!)
     if let threads { request.engine.threads = threads }
+    request.engine.copyMode = copyMode.mode
     let format = progressFormat ?? (progress ? .bar : nil)
     let meter = quiet ? nil : format.map { ProgressMeter(format: $0, toStandardError: destination == "-") }
     request.engine.progress = meter.map { meter in { meter.update(done: $0, total: $1) } }
@@ -193,12 +210,22 @@ struct ConvertCommand: ParsableCommand {
     } else {
       printError(
         "converted \(source) to \(destination): \(statistics.virtualSize) bytes virtual, "
-          + "\(statistics.bytesRead) read, \(statistics.bytesWritten) written, "
+          + "\(statistics.bytesRead) read, \(statistics.bytesWritten) written"
+          + (statistics.bytesCloned + statistics.bytesCopied > 0
+            ? " (\(statistics.bytesCloned) cloned, \(statistics.bytesCopied) copied by the kernel, "
+              + "\(statistics.bytesWritten - statistics.bytesCloned - statistics.bytesCopied) written from memory)" : "")
+          + ", "
           + "\(statistics.holeBytes) skipped as holes, \(statistics.zeroBytesSkipped) as zero blocks, "
           + (statistics.backingBytes > 0 ? "\(statistics.backingBytes) left to the backing file, " : "")
           + seconds, prefix: false)
     }
   }
+}
+
+/// `--copy-mode`: how data that lies plainly in a source file reaches the output.
+enum CopyModeOption: String, ExpressibleByArgument, CaseIterable {
+  case auto, clone, copy, rw
+  var mode: CopyMode { CopyMode(rawValue: rawValue)! }
 }
 
 /// qemu-img's `-t` cache modes that lacuna has: both write through the page cache; only

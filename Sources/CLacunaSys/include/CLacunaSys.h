@@ -22,6 +22,16 @@ int lacuna_punch_hole(int fd, int64_t offset, int64_t length);
 /// Makes a file range read as zeros: fallocate(ZERO_RANGE), else PUNCH_HOLE (both
 /// KEEP_SIZE). -1 and errno when neither works.
 int lacuna_zero_file_range(int fd, int64_t offset, int64_t length);
+/// Makes `length` bytes of `dest_fd` at `dest_offset` share the extents of `source_fd` at
+/// `source_offset` (ioctl FICLONERANGE: XFS with reflink, btrfs, bcachefs). Offsets and
+/// length must be multiples of the file system's block size. 0, or -1 and errno
+/// (EOPNOTSUPP, EXDEV, EINVAL where the file system cannot).
+int lacuna_clone_range(int dest_fd, int64_t dest_offset, int source_fd, int64_t source_offset, int64_t length);
+/// The file system type of `fd` (statfs f_type: 0xEF53 ext2/3/4, 0x01021994 tmpfs, ...),
+/// or 0 when fstatfs fails.
+int64_t lacuna_file_system_type(int fd);
+/// copy_file_range(2) of up to `length` bytes; returns the bytes copied, or -1 and errno.
+int64_t lacuna_copy_range(int dest_fd, int64_t dest_offset, int source_fd, int64_t source_offset, int64_t length);
 /// Makes a block device range (512-byte aligned) read as zeros: ioctl BLKZEROOUT.
 int lacuna_zero_device_range(int fd, int64_t offset, int64_t length);
 

@@ -1,0 +1,202 @@
+import CLacunaSys
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// How data whose bytes lie plainly in a source file (a raw image, an uncompressed qcow2
+/// cluster) reaches a file output (`--copy-mode`). The bytes are read first in every mode:
+/// zero detection decides what becomes a hole; only the non-zero blocks are cloned or copied.
+public enum CopyMode: String, CaseIterable, Sendable {
+  /// Share extents where the file system can (FICLONERANGE: XFS with reflink, btrfs,
+  /// bcachefs), else write the bytes read. The first refusal turns cloning off silently.
+  case auto
+  /// Share extents; an output on a file system that cannot is an error.
+  case clone
+  /// copy_file_range: the kernel copies (and may share extents itself); write where it
+  /// refuses.
+  case copy
+  /// Write the bytes read, as before.
+  case rw
+}
+
+/// How many data bytes went which way.
+public struct CopyTally: Equatable, Sendable {
+  /// Shared with the source (FICLONERANGE).
+  public var cloned: Int64 = 0
+  /// Copied by the kernel (copy_file_range).
+  public var copied: Int64 = 0
+  /// Written from the bytes read.
+  public var written: Int64 = 0
+
+  public init() {}
+
+  public static func += (a: inout CopyTally, b: CopyTally) {
+    a.cloned += b.cloned
+    a.copied += b.copied
+    a.written += b.written
+  }
+}
+
+/// Where a run of the disk's bytes lies plainly in a source file.
+public struct HostBytes {
+  public let file: ImageFile
+  public let offset: Int64
+  public init(file: ImageFile, offset: Int64) {
+    self.file = file
+    self.offset = offset
+  }
+}
+
+/// A writer that can take data from a source file by the kernel instead of writing it.
+/// Called on the writing thread, in disk order, in place of `write`.
+public protocol CopyingImageWriter: ImageWriter {
+  /// Whether `mode` may do anything but write here (false once cloning proved impossible
+  /// in `auto`): the engine then stops tracking where the bytes lie.
+  func copies(in mode: CopyMode) -> Bool
+  /// Stores `bytes` (read from `source`, found not to be zero) at `offset` of the disk.
+  func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64, from source: HostBytes, mode: CopyMode) throws -> CopyTally
+}
+
+/// A writer that prepares units on the workers (`PreparingImageWriter`) and can take the
+/// data of a unit stored as it is (no compression) from a source file by the kernel.
+public protocol CopyingPreparingImageWriter: PreparingImageWriter {
+  /// As `CopyingImageWriter.copies(in:)`.
+  func copies(in mode: CopyMode) -> Bool
+  /// `commit`, taking the parts of the unit's data that lie in `sources` (disk ranges, in
+  /// order, and where each starts in its file) from there. The unit's bytes are valid too.
+  func commit(_ prepared: AnyObject, sources: [(range: Range<Int64>, bytes: HostBytes)], mode: CopyMode) throws -> CopyTally
+}
+
+/// Clones or copies runs of a source file into an output file, falling back to writing.
+/// One per output; used from the writing thread only.
+public final class KernelCopier {
+  public let destination: ImageFile
+  /// The file system's block size: clones cover whole blocks; the parts of a run outside
+  /// them are written.
+  private let blockSize: Int64
+  private var canClone = true
+  private var canCopy = true
+
+  public init(destination: ImageFile) {
+    self.destination = destination
+    var info = statvfs()
+    blockSize = fstatvfs(destination.descriptor, &info) == 0 && info.f_bsize > 0 ? Int64(info.f_bsize) : 4096
+    // File systems known never to share extents: auto does not even try (nor map the
+    // source to check it in place), it writes from the start.
+    canClone = !Self.neverShares.contains(lacuna_file_system_type(destination.descriptor))
+  }
+
+  /// ext2/3/4, tmpfs, ramfs.
+  private static let neverShares: Set<Int64> = [0xEF53, 0x0102_1994, 0x8584_58f6]
+
+  public func copies(in mode: CopyMode) -> Bool {
+    switch mode {
+    case .auto: return canClone
+    case .clone: return true
+    case .copy: return canCopy
+    case .rw: return false
+    }
+  }
+
+  /// Errors that mean "this file system (pair) cannot", not "this copy failed".
+  private static func isRefusal(_ code: Int32) -> Bool {
+    [EOPNOTSUPP, ENOTSUP, EXDEV, EINVAL, ENOTTY, ENOSYS, EBADF, EPERM, ETXTBSY, EISDIR].contains(code)
+  }
+
+  public func write(
+    _ bytes: UnsafeRawBufferPointer, at offset: Int64, from source: HostBytes, mode: CopyMode
+  ) throws -> CopyTally {
+    var tally = CopyTally()
+    let count = Int64(bytes.count)
+    func writePart(_ range: Range<Int64>) throws {
+      guard !range.isEmpty else { return }
+      try destination.write(
+        UnsafeRawBufferPointer(rebasing: bytes[Int(range.lowerBound - offset)..<Int(range.upperBound - offset)]),
+        at: range.lowerBound)
+      tally.written += Int64(range.count)
+    }
+    switch mode {
+    case .rw:
+      try writePart(offset..<offset + count)
+    case .auto, .clone:
+      let shift = source.offset - offset
+      let head = (offset + blockSize - 1) / blockSize * blockSize
+      let tail = (offset + count) / blockSize * blockSize
+      guard canClone || mode == .clone, shift % blockSize == 0, tail > head else {
+        try writePart(offset..<offset + count)
+        break
+      }
+      if lacuna_clone_range(destination.descriptor, head, source.file.descriptor, head + shift, tail - head) == 0 {
+        tally.cloned += tail - head
+        try writePart(offset..<head)
+        try writePart(tail..<offset + count)
+      } else {
+        let code = errno
+        guard Self.isRefusal(code) else {
+          throw ImageError.system(
+            path: destination.path, operation: "share \(tail - head) bytes at \(head) with \(source.file.path)",
+            errno: code)
+        }
+        guard mode == .auto else {
+          throw ImageError.advised(
+            .system(path: destination.path, operation: "share extents with \(source.file.path)", errno: code),
+            advice: "--copy-mode=clone needs the source and the output on one file system that shares extents (XFS with reflink, btrfs); --copy-mode=auto writes instead")
+        }
+        canClone = false
+        try writePart(offset..<offset + count)
+      }
+    case .copy:
+      var done: Int64 = 0
+      while canCopy && done < count {
+        let n = lacuna_copy_range(
+          destination.descriptor, offset + done, source.file.descriptor, source.offset + done, count - done)
+        if n > 0 {
+          done += n
+          tally.copied += n
+          continue
+        }
+        let code = errno
+        if n < 0 && code == EINTR { continue }
+        if n < 0 && !Self.isRefusal(code) {
+          throw ImageError.system(
+            path: destination.path, operation: "copy \(count - done) bytes at \(offset + done) from \(source.file.path)",
+            errno: code)
+        }
+        canCopy = false  // refused, or the source ended early: write the rest
+      }
+      try writePart(offset + done..<offset + count)
+    }
+    return tally
+  }
+}
+
+/// A read-only mapping of a whole file, unmapped when released. The engine checks data it
+/// may clone for zeros here, in the page cache, instead of copying it out with pread: one
+/// mapping per source file for the whole conversion, so no mmap/munmap per unit. Nil for
+/// an empty file or where mmap fails (the caller reads instead). A file truncated under
+/// the conversion would fault (SIGBUS) where a read would fail.
+public final class FileMapping: @unchecked Sendable {
+  private let base: UnsafeMutableRawPointer
+  public let length: Int
+
+  public init?(file: ImageFile) {
+    guard let size = try? file.size(), size > 0, let length = Int(exactly: size) else { return nil }
+    guard let pointer = mmap(nil, length, PROT_READ, MAP_SHARED, file.descriptor, 0), pointer != MAP_FAILED
+    else { return nil }
+    base = pointer
+    self.length = length
+  }
+
+  /// The bytes of `range` of the file (inside it), their page tables filled in one call
+  /// (MADV_POPULATE_READ, where the kernel has it) rather than fault by fault.
+  public func bytes(_ range: Range<Int64>) -> UnsafeRawBufferPointer? {
+    guard range.lowerBound >= 0, range.upperBound <= Int64(length), !range.isEmpty else { return nil }
+    let page = Int64(4096)
+    let start = range.lowerBound / page * page
+    _ = madvise(base + Int(start), Int(range.upperBound - start), 22 /* MADV_POPULATE_READ */)
+    return UnsafeRawBufferPointer(start: base + Int(range.lowerBound), count: range.count)
+  }
+
+  deinit { munmap(base, length) }
+}

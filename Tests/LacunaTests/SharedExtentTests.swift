@@ -1,0 +1,159 @@
+import Foundation
+import TestSupport
+import XCTest
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// `convert -O raw` on file systems that share extents: XFS (reflink=1) and btrfs made in
+/// loop files inside the test's directory (needs root, xfsprogs, btrfs-progs; skips with a
+/// message where the kernel refuses loop mounts). Judged by qemu-img compare (content),
+/// SEEK_DATA (holes), FIEMAP's shared flag through `filefrag -v`, and the file system's
+/// free space. On the test directory's own file system (ext4 or tmpfs here: no reflink),
+/// auto falls back to writing, silently and correctly.
+final class SharedExtentTests: QemuTestCase {
+  /// Mounts a fresh file system of `kind` ("xfs" or "btrfs") made in a sparse loop file;
+  /// unmounted (which frees the loop device) when the test ends, pass or fail.
+  func mountScratch(_ kind: String) throws -> String {
+    guard getuid() == 0 else { throw XCTSkip("making \(kind) in a loop file needs root") }
+    let mkfs = try requireProgram("mkfs.\(kind)", skipping: "mkfs.\(kind) is not installed (apt-get install \(kind == "xfs" ? "xfsprogs" : "btrfs-progs"))")
+    let image = path("\(kind).fs")
+    XCTAssertTrue(FileManager.default.createFile(atPath: image, contents: nil))
+    XCTAssertEqual(truncate(image, 512 << 20), 0)
+    let made = try runProgram(mkfs, kind == "xfs" ? ["-q", "-m", "reflink=1", image] : ["-q", image])
+    guard made.status == 0 else { throw XCTSkip("mkfs.\(kind) failed: \(made.stderr)") }
+    let mountPoint = path("\(kind)-mnt")
+    try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+    let mounted = try runProgram("/bin/mount", ["-o", "loop", image, mountPoint])
+    guard mounted.status == 0 else {
+      throw XCTSkip("the kernel refuses a loop mount of \(kind): \(mounted.stderr)")
+    }
+    addTeardownBlock {
+      if (try? runProgram("/bin/umount", [mountPoint]))?.status != 0 {
+        _ = try? runProgram("/bin/umount", ["-l", mountPoint])
+      }
+    }
+    return mountPoint
+  }
+
+  /// A 64 MiB raw disk: 8 MiB and 3 MiB of data (a zero MiB inside the first), holes between.
+  func makeSource(in directory: String) throws -> String {
+    let source = directory + "/src.raw"
+    var first = patternBytes(8 << 20, seed: 7)
+    for i in (2 << 20)..<(3 << 20) { first[i] = 0 }
+    try makeSparseFile(source, size: 64 << 20, pieces: [(1 << 20, first), (40 << 20, patternBytes(3 << 20, seed: 8))])
+    return source
+  }
+
+  func freeBytes(_ directory: String) -> Int64 {
+    sync()
+    var info = statvfs()
+    guard statvfs(directory, &info) == 0 else { return -1 }
+    return Int64(info.f_bfree) * Int64(info.f_frsize)
+  }
+
+  /// The summary line's cloned and copied byte counts.
+  func summaryCounts(_ stderr: String) -> (cloned: Int64, copied: Int64) {
+    guard let match = stderr.range(of: #"\((\d+) cloned, (\d+) copied"#, options: .regularExpression) else { return (0, 0) }
+    let numbers = stderr[match].split(whereSeparator: { !$0.isNumber }).compactMap { Int64($0) }
+    return (numbers[0], numbers[1])
+  }
+
+  func assertSameAndSparse(_ source: String, _ output: String, file: StaticString = #filePath, line: UInt = #line) throws {
+    XCTAssertEqual(try qemuImg("compare", "-f", "raw", "-F", "raw", source, output).status, 0, file: file, line: line)
+    // The zero MiB inside the data and the gaps are holes: 10 MiB of data, no more.
+    XCTAssertEqual(dataRanges(output).reduce(0) { $0 + $1.count }, 10 << 20, "\(dataRanges(output))", file: file, line: line)
+  }
+
+  func sharedExtents(_ file: String) throws -> Int {
+    let filefrag = try requireProgram("filefrag", skipping: "filefrag is not installed (e2fsprogs)")
+    let outcome = try runProgram(filefrag, ["-v", file])
+    XCTAssertEqual(outcome.status, 0, outcome.stderr)
+    return outcome.stdout.split(separator: "\n").filter { $0.contains("shared") }.count
+  }
+
+  func checkCloning(on kind: String) throws {
+    let mountPoint = try mountScratch(kind)
+    let source = try makeSource(in: mountPoint)
+    let output = mountPoint + "/out.raw"
+    let before = freeBytes(mountPoint)
+    let outcome = try lacuna("convert", "--summary", "-f", "raw", "-O", "raw", source, output)
+    XCTAssertEqual(outcome.status, 0, outcome.stderr)
+    try assertSameAndSparse(source, output)
+    XCTAssertEqual(summaryCounts(outcome.stderr).cloned, 10 << 20, outcome.stderr)
+    XCTAssertGreaterThan(try sharedExtents(output), 0, "filefrag -v shows shared extents")
+    // 10 MiB of data shared: the file system lost metadata only.
+    XCTAssertLessThan(before - freeBytes(mountPoint), 1 << 20, "free space drops by metadata only")
+
+    // The same bytes and holes whatever the thread count, and --copy-mode=rw writes.
+    let one = mountPoint + "/one.raw"
+    XCTAssertEqual(try lacuna("convert", "-m", "1", "-f", "raw", "-O", "raw", source, one).status, 0)
+    XCTAssertEqual(dataRanges(one), dataRanges(output))
+    XCTAssertTrue(try sameContent(one, output))
+    let written = mountPoint + "/rw.raw"
+    let rw = try lacuna("convert", "--summary", "--copy-mode=rw", "-f", "raw", "-O", "raw", source, written)
+    XCTAssertEqual(summaryCounts(rw.stderr).cloned, 0, rw.stderr)
+    XCTAssertEqual(try sharedExtents(written), 0)
+    try assertSameAndSparse(source, written)
+
+    // copy_file_range: the kernel copies (on these file systems it shares the extents).
+    let copied = mountPoint + "/copy.raw"
+    let copy = try lacuna("convert", "--summary", "--copy-mode=copy", "-f", "raw", "-O", "raw", source, copied)
+    XCTAssertEqual(copy.status, 0, copy.stderr)
+    XCTAssertEqual(summaryCounts(copy.stderr).copied, 10 << 20, copy.stderr)
+    try assertSameAndSparse(source, copied)
+
+    // A qcow2 source: its uncompressed clusters are cloned from the qcow2 file.
+    let qcow2 = mountPoint + "/src.qcow2"
+    XCTAssertEqual(try qemuImg("convert", "-f", "raw", "-O", "qcow2", source, qcow2).status, 0)
+    let fromQcow2 = mountPoint + "/from-qcow2.raw"
+    let flattened = try lacuna("convert", "--summary", "-O", "raw", qcow2, fromQcow2)
+    XCTAssertEqual(flattened.status, 0, flattened.stderr)
+    try assertSameAndSparse(source, fromQcow2)
+    XCTAssertEqual(summaryCounts(flattened.stderr).cloned, 10 << 20, flattened.stderr)
+
+    // raw -> qcow2: the data clusters share the source's extents; qemu-img finds the image clean.
+    let toQcow2 = mountPoint + "/to.qcow2"
+    let stored = try lacuna("convert", "--summary", "-f", "raw", "-O", "qcow2", source, toQcow2)
+    XCTAssertEqual(stored.status, 0, stored.stderr)
+    XCTAssertEqual(summaryCounts(stored.stderr).cloned, 10 << 20, stored.stderr)
+    XCTAssertEqual(try qemuImg("compare", "-f", "raw", "-F", "qcow2", source, toQcow2).status, 0)
+    XCTAssertTrue(try qemuImg("check", toQcow2).stdout.contains("No errors were found"))
+    XCTAssertGreaterThan(try sharedExtents(toQcow2), 0)
+    // Compressed output is written, never cloned.
+    let compressed = try lacuna("convert", "--summary", "-c", "-f", "raw", "-O", "qcow2", source, mountPoint + "/c.qcow2")
+    XCTAssertEqual(compressed.status, 0, compressed.stderr)
+    XCTAssertEqual(summaryCounts(compressed.stderr).cloned, 0, compressed.stderr)
+    XCTAssertEqual(try qemuImg("compare", "-f", "raw", "-F", "qcow2", source, mountPoint + "/c.qcow2").status, 0)
+  }
+
+  func testXFSSharesExtents() throws { try checkCloning(on: "xfs") }
+
+  func testBtrfsSharesExtents() throws { try checkCloning(on: "btrfs") }
+
+  /// The test directory's file system (no reflink on ext4 or tmpfs): auto writes, silently;
+  /// clone is refused in one line; copy works or writes.
+  func testFallsBackWhereNothingIsShared() throws {
+    let source = try makeSource(in: dir.path)
+    let auto = try lacuna("convert", "--summary", "-f", "raw", "-O", "raw", source, path("auto.raw"))
+    XCTAssertEqual(auto.status, 0, auto.stderr)
+    XCTAssertEqual(auto.stderr.split(separator: "\n").count, 1, auto.stderr)
+    try assertSameAndSparse(source, path("auto.raw"))
+    let copy = try lacuna("convert", "--copy-mode=copy", "-f", "raw", "-O", "raw", source, path("copy.raw"))
+    XCTAssertEqual(copy.status, 0, copy.stderr)
+    try assertSameAndSparse(source, path("copy.raw"))
+    // raw -> qcow2 falls back the same way: the data clusters are written.
+    let qcow2 = try lacuna("convert", "-f", "raw", "-O", "qcow2", source, path("out.qcow2"))
+    XCTAssertEqual(qcow2.status, 0, qcow2.stderr)
+    XCTAssertEqual(try qemuImg("compare", "-f", "raw", "-F", "qcow2", source, path("out.qcow2")).status, 0)
+    XCTAssertTrue(try qemuImg("check", path("out.qcow2")).stdout.contains("No errors were found"))
+    if summaryCounts(auto.stderr).cloned == 0 {
+      let clone = try lacuna("convert", "--copy-mode=clone", "-f", "raw", "-O", "raw", source, path("clone.raw"))
+      XCTAssertEqual(clone.status, 1, clone.stderr)
+      XCTAssertEqual(clone.stderr.split(separator: "\n").count, 1, clone.stderr)
+      XCTAssertTrue(clone.stderr.contains("--copy-mode=clone needs"), clone.stderr)
+      XCTAssertFalse(FileManager.default.fileExists(atPath: path("clone.raw")))
+    }
+  }
+}
