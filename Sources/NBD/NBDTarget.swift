@@ -25,7 +25,7 @@ public final class NBDTarget: ByteTarget {
   private var closed = false
   /// Per connection.
   static let maximumInFlight = 16
-  static let maximumBytesInFlight = 32 << 20
+  static let maximumBytesInFlight = 16 << 20
   /// Connections at most, when the server offers multi-conn.
   static let maximumConnections = 4
 

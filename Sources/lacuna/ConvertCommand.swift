@@ -120,7 +120,7 @@ struct ConvertCommand: ParsableCommand {
   @Option(
     name: .customShort("m"),
     help: ArgumentHelp(
-      "Worker threads (default: the number of cores, at least 2).",
+      "Worker threads (default: the number of cores, at least 2; at least 8 when the source is an NBD server, whose requests wait on the network).",
       valueName: "threads"))
   var threads: Int?
 
@@ -189,7 +189,12 @@ struct ConvertCommand: ParsableCommand {
     request.inPlace = inPlace
     request.targetIsZero = targetIsZero
     request.engine.sparseSize = Int(parseByteSize(sparseSize)!)
-    if let threads { request.engine.threads = threads }
+    if let threads {
+      request.engine.threads = threads
+    } else if access.resolver.isNetworkName(source) {
+      // Reading from a server is waiting more than working: more requests at once.
+      request.engine.threads = max(request.engine.threads, 8)
+    }
     request.engine.copyMode = copyMode.mode
     let format = progressFormat ?? (progress ? .bar : nil)
     let meter = quiet ? nil : format.map { ProgressMeter(format: $0, toStandardError: destination == "-") }
