@@ -47,6 +47,14 @@ public final class RawWriter: CopyingImageWriter {
     try target.write(bytes, at: offset)
   }
 
+  public func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64, keeping owner: AnyObject) throws {
+    if let keeping = target as? KeepingByteTarget {
+      try keeping.write(bytes, at: offset, keeping: owner)
+    } else {
+      try target.write(bytes, at: offset)
+    }
+  }
+
   public func copies(in mode: CopyMode) -> Bool { copier?.copies(in: mode) ?? false }
 
   public func write(

@@ -249,7 +249,10 @@ public final class Converter {
     // per worker may be in flight: results are taken in disk order, and with only two a
     // worker that finished quick units (random clusters skip compression) sat idle behind
     // one still compressing text (zstd conversion of W1: 10% faster with four).
-    let pool = BufferPool(size: Int(unit), limit: options.threads * 5 + 2)
+    // A target that keeps units until the server has them (NBD, up to 16 MiB in flight)
+    // gives them back late: the pool keeps that many more rather than free and fault in
+    // fresh ones.
+    let pool = BufferPool(size: Int(unit), limit: options.threads * 5 + 2 + Int((16 << 20) / unit))
     let chain: Chain? = if case .chain(let chain) = input { chain } else { nil }
     let base: Chain? = if case .compared(let base) = options.backing { base } else { nil }
     let copying = writer as? CopyingImageWriter
@@ -313,7 +316,13 @@ public final class Converter {
               rebasing: unit.buffer[Int(range.lowerBound - unit.start)..<Int(range.upperBound - unit.start)])
           }
           guard let copying, !unit.hostPieces.isEmpty else {
-            try writer.write(bytes(run.range), at: run.range.lowerBound)
+            // The bytes are in the unit's buffer, which lives as long as the unit: a target
+            // that sends them later keeps the unit rather than a copy.
+            if unit.hostPieces.isEmpty {
+              try writer.write(bytes(run.range), at: run.range.lowerBound, keeping: unit)
+            } else {
+              try writer.write(bytes(run.range), at: run.range.lowerBound)
+            }
             break
           }
           // The parts that lie in a source file go by the kernel; the rest is written.

@@ -121,6 +121,14 @@ extension ByteTarget {
   }
 }
 
+/// A target that sends bytes on after `write` returns (an NBD connection with requests in
+/// flight): handed the object that keeps the caller's buffer alive and unchanged, it keeps
+/// that instead of copying the bytes.
+public protocol KeepingByteTarget: ByteTarget {
+  /// Writes `bytes` at `offset`; they stay valid and unchanged while `owner` lives.
+  func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64, keeping owner: AnyObject) throws
+}
+
 /// Storage reached by a URI instead of a path (NBD exports): the Resolver asks it before
 /// opening a name as a file, and the conversion before creating an output file.
 public protocol NetworkStorage: Sendable {

@@ -55,12 +55,22 @@ public protocol ImageWriter: AnyObject {
   var granularity: Int { get }
   /// Writes `bytes` at `offset` of the virtual disk.
   func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64) throws
+  /// Writes `bytes` at `offset`; they stay valid and unchanged while `owner` lives, so a
+  /// writer that passes them on to a `KeepingByteTarget` may keep `owner` instead of
+  /// copying them. By default, `write(_:at:)`.
+  func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64, keeping owner: AnyObject) throws
   /// Makes `range` read as zeros. On a fresh sparse target this costs nothing.
   func writeZeroes(_ range: Range<Int64>) throws
   /// Writes the metadata, flushes, and makes the output visible at its path.
   func finish() throws
   /// Removes everything written; nothing is left at the destination.
   func abandon()
+}
+
+extension ImageWriter {
+  public func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64, keeping owner: AnyObject) throws {
+    try write(bytes, at: offset)
+  }
 }
 
 extension WriterOptions {

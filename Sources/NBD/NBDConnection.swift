@@ -98,12 +98,22 @@ final class NBDConnection {
   /// Waits until the request `cookie` (from an `nbd_aio_*` call) is done; a failed request,
   /// a dead connection or no answer in time is an error saying `what` was asked.
   func wait(_ cookie: Int64, _ what: @autoclosure () -> String) throws {
+    guard try status(of: cookie, what()) == 0 else { throw failure(what()) }
+  }
+
+  /// Waits until the request `cookie` is done and returns 0, or the errno the server
+  /// answered it with (ENOTSUP for a fast zero it cannot do fast). A dead connection or no
+  /// answer in time is an error saying `what` was asked.
+  func status(of cookie: Int64, _ what: @autoclosure () -> String) throws -> Int32 {
     guard cookie != -1 else { throw failure(what()) }
     let deadline = NBDConnection.now() + timeoutMilliseconds
     while true {
       switch nbd_aio_command_completed(handle, UInt64(cookie)) {
-      case 1: return
-      case -1: throw failure(what())
+      case 1: return 0
+      case -1:
+        let code = nbd_get_errno()
+        guard code != 0, nbd_aio_is_dead(handle) == 0, nbd_aio_is_closed(handle) == 0 else { throw failure(what()) }
+        return code
       default: break
       }
       let remaining = deadline - NBDConnection.now()

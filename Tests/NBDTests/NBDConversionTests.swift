@@ -34,8 +34,9 @@ final class NBDConversionTests: QemuTestCase {
   }
 
   /// The requests of one kind in an nbdkit log: (offset, count) of each.
-  private func requests(_ kind: String, in log: String) throws -> [(offset: Int64, count: Int64)] {
-    let text = try String(contentsOfFile: log, encoding: .utf8)
+  /// `skipping` the log's first bytes (what an earlier conversion asked).
+  private func requests(_ kind: String, in log: String, skipping: Int = 0) throws -> [(offset: Int64, count: Int64)] {
+    let text = String(decoding: try Data(contentsOf: URL(fileURLWithPath: log)).dropFirst(skipping), as: UTF8.self)
     var result: [(Int64, Int64)] = []
     for line in text.split(separator: "\n") where line.contains(" \(kind) ") && !line.contains("return") {
       func field(_ name: String) -> Int64? {
@@ -154,22 +155,72 @@ final class NBDConversionTests: QemuTestCase {
     XCTAssertTrue(map.contains("\"data\": false"), map)
   }
 
-  /// nbdkit's log shows what lacuna sent: the data as writes, each zero range once as a
-  /// zero request; with --target-is-zero no zero request at all.
-  func testZeroRangesAreZeroRequestsOrSkipped() throws {
+  /// The zero requests in an nbdkit log, and whether each asked for a fast zero.
+  private func zeroRequests(in log: String, skipping: Int) throws -> [(offset: Int64, count: Int64, fast: Bool)] {
+    let text = String(decoding: try Data(contentsOf: URL(fileURLWithPath: log)).dropFirst(skipping), as: UTF8.self)
+    let fast = text.split(separator: "\n").filter { $0.contains(" Zero ") && !$0.contains("return") }.map {
+      $0.contains("fast=1")
+    }
+    return zip(try requests("Zero", in: log, skipping: skipping), fast).map { ($0.0.offset, $0.0.count, $0.1) }
+  }
+
+  /// nbdkit's log shows what lacuna sent into an export holding old bytes: the data as
+  /// writes; where the server offers fast zero (the memory plugin), one fast zero over the
+  /// whole export first and no zero request after it; where fast zero is refused (the
+  /// nozero filter's fastzeromode=slow) or not offered (the file plugin), each zero range
+  /// once as a plain zero request; with --target-is-zero no zero request at all. The export
+  /// then equals the source every time, and a file behind it holds only the data.
+  func testZeroRangesAreOneFastZeroOrZeroRequestsOrSkipped() throws {
     let source = try makeSource()
-    for targetIsZero in [false, true] {
-      let socket = path("m\(targetIsZero).sock")
-      let log = path("m\(targetIsZero).log")
-      let server = try startNbdkit(["memory", "size=64M"], socket: socket, log: log)
+    let old = path("old.raw")
+    try qemuImgOK("create", "-q", "-f", "raw", old, "64M")
+    try qemuIO(old, "write -P 0x55 0 64M")  // old content everywhere
+    let dataBytes: Int64 = (2 << 20) + (64 << 10)
+    for (name, filters, targetIsZero) in [
+      ("fast", [String](), false), ("slow", ["--filter=nozero"], false), ("none", ["--filter=nozero"], false),
+      ("given", [], true),
+    ] {
+      let socket = path("m-\(name).sock")
+      let log = path("m-\(name).log")
+      let target = path("m-\(name).raw")
+      if targetIsZero {
+        try qemuImgOK("create", "-q", "-f", "raw", target, "64M")
+      } else {
+        try FileManager.default.copyItem(atPath: old, toPath: target)
+      }
+      var arguments = name == "fast" ? ["memory", "size=64M"] : filters + ["file", target]
+      if !filters.isEmpty { arguments += ["zeromode=plugin", "fastzeromode=\(name)"] }
+      let server = try startNbdkit(arguments, socket: socket, log: log)
+      var skipping = 0
+      if name == "fast" {  // old content into the memory plugin first
+        XCTAssertEqual(try lacuna("convert", "-f", "raw", "-O", "raw", old, server.uri).status, 0)
+        skipping = try Data(contentsOf: URL(fileURLWithPath: log)).count
+      }
       let outcome = try lacuna(["convert"] + (targetIsZero ? ["--target-is-zero"] : []) + ["-O", "raw", source, server.uri])
       XCTAssertEqual(outcome.status, 0, outcome.stderr)
       try qemuImgOK("compare", "-F", "raw", source, server.uri)
       server.stop()
-      let written = try requests("Write", in: log).reduce(0) { $0 + $1.count }
-      XCTAssertEqual(written, (2 << 20) + (64 << 10), "bytes written")
-      let zeroed = try requests("Zero", in: log).reduce(0) { $0 + $1.count }
-      XCTAssertEqual(zeroed, targetIsZero ? 0 : (64 << 20) - (2 << 20) - (64 << 10), "bytes zeroed")
+      if name != "fast" {
+        try qemuImgOK("compare", "-F", "raw", source, target)
+        XCTAssertLessThanOrEqual(try storage(target), dataBytes + (1 << 20), "\(name): zeros were not made holes")
+      }
+      let written = try requests("Write", in: log, skipping: skipping).reduce(0) { $0 + $1.count }
+      XCTAssertEqual(written, dataBytes, "\(name): bytes written")
+      let zeros = try zeroRequests(in: log, skipping: skipping)
+      switch name {
+      case "fast":
+        XCTAssertEqual(zeros.map(\.count).reduce(0, +), 64 << 20, "\(name): \(zeros)")
+        XCTAssertTrue(zeros.allSatisfy(\.fast), "\(name): \(zeros)")
+      case "slow":
+        // The refused fast zero, then the zero ranges.
+        XCTAssertEqual(zeros.filter(\.fast).map(\.count).reduce(0, +), 64 << 20, "\(name): \(zeros)")
+        XCTAssertEqual(zeros.filter { !$0.fast }.map(\.count).reduce(0, +), (64 << 20) - dataBytes, "\(name): \(zeros)")
+      case "none":
+        XCTAssertFalse(zeros.contains(where: \.fast), "\(name): \(zeros)")
+        XCTAssertEqual(zeros.map(\.count).reduce(0, +), (64 << 20) - dataBytes, "\(name): \(zeros)")
+      default:
+        XCTAssertTrue(zeros.isEmpty, "\(name): \(zeros)")
+      }
     }
   }
 
@@ -195,15 +246,21 @@ final class NBDConversionTests: QemuTestCase {
     let old = path("old.raw")
     try qemuImgOK("create", "-q", "-f", "raw", old, "128M")
     try qemuIO(old, "write -P 0x77 0 128M")
-    let server = try startNbdkit(["memory", "size=128M"], socket: path("t.sock"))
-    XCTAssertEqual(try lacuna("convert", "-f", "raw", "-O", "raw", old, server.uri).status, 0)
-    let refused = try lacuna("convert", "-O", "qcow2", "-o", "cluster_size=7", source, server.uri)
-    XCTAssertNotEqual(refused.status, 0)
-    try qemuImgOK("compare", "-f", "raw", "-F", "raw", old, server.uri)  // untouched
-    let outcome = try lacuna("convert", "-O", "qcow2", source, server.uri)
-    XCTAssertEqual(outcome.status, 0, outcome.stderr)
-    try qemuImgOK("compare", "-F", "qcow2", source, server.uri)
-    try qemuImgOK("check", "-f", "qcow2", server.uri)
+    // Zeroed with one fast zero, and where the server refuses fast zeros, with plain ones.
+    for (name, filters) in [("t", [String]()), ("slow", ["--filter=nozero"])] {
+      let server = try startNbdkit(
+        filters + ["memory", "size=128M"] + (filters.isEmpty ? [] : ["zeromode=plugin", "fastzeromode=slow"]),
+        socket: path("\(name).sock"))
+      XCTAssertEqual(try lacuna("convert", "-f", "raw", "-O", "raw", old, server.uri).status, 0)
+      let refused = try lacuna("convert", "-O", "qcow2", "-o", "cluster_size=7", source, server.uri)
+      XCTAssertNotEqual(refused.status, 0)
+      try qemuImgOK("compare", "-f", "raw", "-F", "raw", old, server.uri)  // untouched
+      let outcome = try lacuna("convert", "-O", "qcow2", source, server.uri)
+      XCTAssertEqual(outcome.status, 0, outcome.stderr)
+      try qemuImgOK("compare", "-F", "qcow2", source, server.uri)
+      try qemuImgOK("check", "-f", "qcow2", server.uri)
+      server.stop()
+    }
   }
 
   /// No server, an unknown export, TLS the server does not offer, a server that never
