@@ -34,6 +34,41 @@ public final class RawReader: ImageReader {
     if position < range.upperBound {
       result.append(Extent(position..<range.upperBound, .zero, hostOffset: position))
     }
+    guard result.contains(where: { $0.kind == .zero }), let absent = try source.absentRanges(in: range),
+      !absent.isEmpty
+    else { return result }
+    return Self.markingAbsent(result, absent)
+  }
+
+  /// `extents` with the zero ranges that lie in `absent` (sorted, apart) made
+  /// `.unallocated`: no layer behind the storage holds them. Data stays data.
+  static func markingAbsent(_ extents: [Extent], _ absent: [Range<Int64>]) -> [Extent] {
+    var result: [Extent] = []
+    var next = 0
+    for extent in extents {
+      guard extent.kind == .zero else {
+        result.appendMerging(extent)
+        continue
+      }
+      var position = extent.range.lowerBound
+      while next < absent.count && absent[next].upperBound <= position { next += 1 }
+      var index = next
+      while position < extent.range.upperBound {
+        guard index < absent.count, absent[index].lowerBound < extent.range.upperBound else {
+          result.appendMerging(Extent(position..<extent.range.upperBound, .zero, hostOffset: position))
+          break
+        }
+        let gap = absent[index]
+        if gap.lowerBound > position {
+          result.appendMerging(Extent(position..<gap.lowerBound, .zero, hostOffset: position))
+          position = gap.lowerBound
+        }
+        let end = min(gap.upperBound, extent.range.upperBound)
+        result.appendMerging(Extent(position..<end, .unallocated))
+        position = end
+        if end == gap.upperBound { index += 1 }
+      }
+    }
     return result
   }
 

@@ -16,6 +16,10 @@ public protocol ByteSource: AnyObject, Sendable {
   /// The ranges of `range` that the storage holds data for (SEEK_DATA/SEEK_HOLE on a file);
   /// what lies between them reads as zeros. Nil when the storage cannot tell.
   func dataRanges(in range: Range<Int64>) throws -> [Range<Int64>]?
+  /// The ranges of `range` that no layer behind the storage holds (an NBD export whose
+  /// server answers `qemu:allocation-depth` 0): they read as zeros, and `map` reports them
+  /// as not present. Nil when the storage cannot tell.
+  func absentRanges(in range: Range<Int64>) throws -> [Range<Int64>]?
   /// What identifies the storage on this machine, whatever name reaches it, to refuse loops
   /// and writing over an input. Nil when the storage has no such identity.
   func identity() throws -> FileIdentity?
@@ -25,6 +29,7 @@ public protocol ByteSource: AnyObject, Sendable {
 
 extension ByteSource {
   public func dataRanges(in range: Range<Int64>) throws -> [Range<Int64>]? { nil }
+  public func absentRanges(in range: Range<Int64>) throws -> [Range<Int64>]? { nil }
   public func identity() throws -> FileIdentity? { nil }
   public func allocatedSize() throws -> Int64? { nil }
 

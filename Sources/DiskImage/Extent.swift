@@ -5,7 +5,8 @@ public enum ExtentKind: Sendable, Equatable {
   /// The layer says this range reads as zeros (a hole, a v3 zero cluster).
   case zero
   /// The layer does not describe this range: ask the backing layer. A layer with no
-  /// backing file never answers this; it answers `zero` instead.
+  /// backing file answers this only where its storage says no layer behind it holds the
+  /// range (`ByteSource.absentRanges`); it reads as zeros, as `zero` does.
   case unallocated
 }
 

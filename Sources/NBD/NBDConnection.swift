@@ -25,6 +25,9 @@ final class NBDConnection {
   let isReadOnly: Bool
   /// True when the server answers `base:allocation` block status.
   let hasAllocation: Bool
+  /// True when the server answers `qemu:allocation-depth` (qemu-nbd -A): where in its
+  /// backing chain each range lies, 0 for none.
+  let hasDepth: Bool
 
   init(uri: String, timeoutMilliseconds: Int) throws {
     guard let handle = nbd_create() else { throw NBDConnection.lastError(uri, "cannot start libnbd") }
@@ -32,7 +35,9 @@ final class NBDConnection {
     self.uri = uri
     self.timeoutMilliseconds = timeoutMilliseconds
     do {
-      guard nbd_add_meta_context(handle, "base:allocation") != -1 else {
+      guard nbd_add_meta_context(handle, "base:allocation") != -1,
+        nbd_add_meta_context(handle, NBDConnection.depthContext) != -1
+      else {
         throw NBDConnection.lastError(uri, "cannot ask for block status")
       }
       // The user wrote the URI: files it names (tls-psk-file, tls-certificates) are theirs to
@@ -57,11 +62,14 @@ final class NBDConnection {
       canMultiConnect = nbd_can_multi_conn(handle) == 1
       isReadOnly = nbd_is_read_only(handle) == 1
       hasAllocation = nbd_can_meta_context(handle, "base:allocation") == 1
+      hasDepth = nbd_can_meta_context(handle, NBDConnection.depthContext) == 1
     } catch {
       nbd_close(handle)
       throw error
     }
   }
+
+  static let depthContext = "qemu:allocation-depth"
 
   deinit {
     if nbd_aio_is_ready(handle) != 0 { _ = nbd_shutdown(handle, 0) }
@@ -162,16 +170,22 @@ final class NBDConnection {
   }
 
   /// The export's allocation in `range`: runs of (length, flags), flags holding
-  /// LIBNBD_STATE_HOLE and LIBNBD_STATE_ZERO. Covers at least part of the range.
-  func blockStatus(_ range: Range<Int64>) throws -> [(length: Int64, flags: UInt32)] {
-    final class Box { var runs: [(length: Int64, flags: UInt32)] = [] }
-    let box = Box()
+  /// LIBNBD_STATE_HOLE and LIBNBD_STATE_ZERO for `base:allocation`, or the depth for
+  /// `qemu:allocation-depth`. Covers at least part of the range.
+  func blockStatus(_ range: Range<Int64>, context: String = "base:allocation") throws -> [(length: Int64, flags: UInt32)] {
+    final class Box {
+      let context: String
+      var runs: [(length: Int64, flags: UInt32)] = []
+      init(_ context: String) { self.context = context }
+    }
+    let box = Box(context)
     let callback: @convention(c) (
       UnsafeMutableRawPointer?, UnsafePointer<CChar>?, UInt64, UnsafeMutablePointer<UInt32>?, Int,
       UnsafeMutablePointer<Int32>?
     ) -> Int32 = { user, context, _, entries, count, _ in
-      guard let user, let context, let entries, strcmp(context, "base:allocation") == 0 else { return 0 }
+      guard let user, let context, let entries else { return 0 }
       let box = Unmanaged<Box>.fromOpaque(user).takeUnretainedValue()
+      guard String(cString: context) == box.context else { return 0 }
       var i = 0
       while i + 1 < count {
         box.runs.append((Int64(entries[i]), entries[i + 1]))

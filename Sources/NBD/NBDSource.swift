@@ -7,7 +7,9 @@ import DiskImage
 
 /// An NBD export read as a byte source: a disk image served by qemu-nbd, nbdkit or any
 /// NBD server, read through libnbd. Holes and zeros come from the server's block status
-/// (`base:allocation`), so the engine never reads what the export does not hold.
+/// (`base:allocation`), so the engine never reads what the export does not hold; where the
+/// server answers `qemu:allocation-depth` too (qemu-nbd -A), the ranges no layer of its
+/// backing chain holds are reported absent (`map` says "present": false there).
 ///
 /// Safe from several threads: each read takes a connection of its own from a small pool.
 /// When the server offers multi-conn, the pool grows to `connections`; otherwise there is
@@ -16,6 +18,7 @@ public final class NBDSource: ByteSource, @unchecked Sendable {
   public let name: String
   private let exportSize: Int64
   private let hasAllocation: Bool
+  private let hasDepth: Bool
   private let limit: Int
   private let timeoutMilliseconds: Int
   private let lock = Lock()
@@ -29,6 +32,7 @@ public final class NBDSource: ByteSource, @unchecked Sendable {
     let first = try NBDConnection(uri: uri, timeoutMilliseconds: timeoutMilliseconds)
     exportSize = first.size
     hasAllocation = first.hasAllocation
+    hasDepth = first.hasDepth
     limit = first.canMultiConnect ? max(1, connections) : 1
     idle = [first]
   }
@@ -81,6 +85,38 @@ public final class NBDSource: ByteSource, @unchecked Sendable {
         let end = min(position + run.length, range.upperBound)
         let readsAsZero = run.flags & UInt32(LIBNBD_STATE_HOLE) != 0 || run.flags & UInt32(LIBNBD_STATE_ZERO) != 0
         if !readsAsZero {
+          if let last = result.last, last.upperBound == position {
+            result[result.count - 1] = last.lowerBound..<end
+          } else {
+            result.append(position..<end)
+          }
+        }
+        position = end
+      }
+    }
+    return result
+  }
+}
+
+extension NBDSource {
+  /// The parts of `range` that no layer of the server's backing chain holds
+  /// (`qemu:allocation-depth` 0, from qemu-nbd -A). Nil when the server does not say.
+  public func absentRanges(in range: Range<Int64>) throws -> [Range<Int64>]? {
+    guard hasDepth else { return nil }
+    let range = range.clamped(to: 0..<exportSize)
+    var result: [Range<Int64>] = []
+    var position = range.lowerBound
+    while position < range.upperBound {
+      let runs = try withConnection { try $0.blockStatus(position..<range.upperBound, context: NBDConnection.depthContext) }
+      guard !runs.isEmpty else {
+        throw ImageError.invalid(path: name, "the server answered no allocation depth at \(hex(position))")
+      }
+      for run in runs where position < range.upperBound {
+        guard run.length > 0 else {
+          throw ImageError.invalid(path: name, "the server answered an empty allocation-depth run at \(hex(position))")
+        }
+        let end = min(position + run.length, range.upperBound)
+        if run.flags == 0 {
           if let last = result.last, last.upperBound == position {
             result[result.count - 1] = last.lowerBound..<end
           } else {

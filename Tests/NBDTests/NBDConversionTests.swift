@@ -96,6 +96,58 @@ final class NBDConversionTests: QemuTestCase {
     XCTAssertTrue(map.stdout.contains("\"start\": 1048576, \"length\": 2097152, \"depth\": 0, \"present\": true, \"zero\": false, \"data\": true"), map.stdout)
   }
 
+  /// The ranges of a `map --output=json` (lacuna's or qemu-img's) where `key` is `value`,
+  /// neighbours merged.
+  private func mapRanges(_ json: String, _ key: String, _ value: Bool) throws -> [Range<Int64>] {
+    let entries = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(json.utf8)) as? [[String: Any]])
+    var result: [Range<Int64>] = []
+    for entry in entries where (entry[key] as? Bool) == value {
+      let start = Int64(try XCTUnwrap(entry["start"] as? Int))
+      let range = start..<start + Int64(try XCTUnwrap(entry["length"] as? Int))
+      if let last = result.last, last.upperBound == range.lowerBound {
+        result[result.count - 1] = last.lowerBound..<range.upperBound
+      } else {
+        result.append(range)
+      }
+    }
+    return result
+  }
+
+  /// qemu-nbd -A answers qemu:allocation-depth: the ranges no layer of its chain holds are
+  /// "present": false in lacuna's map of the export, just where qemu-img map of the chain
+  /// itself says so (qemu-img map of the export says present everywhere), and a conversion
+  /// of the export never reads them. Without -A, every range is present.
+  func testAllocationDepthMarksWhatNoLayerHolds() throws {
+    let base = path("base.qcow2")
+    let top = path("top.qcow2")
+    try qemuImgOK("create", "-q", "-f", "qcow2", base, "16M")
+    try qemuIO(base, "write -P 1 0 4M", "write -P 3 12M 1M")
+    try qemuImgOK("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+    try qemuIO(top, "write -P 2 2M 4M", "write -z 8M 1M")
+    let local = try qemuImgOK("map", "--output=json", top)
+    for depth in [true, false] {
+      let socket = path("d\(depth).sock")
+      let server = try NBDServer.start(
+        self, program: qemuNBD, arguments: (depth ? ["-A"] : []) + ["-r", "-t", "-f", "qcow2", "-k", socket, top],
+        uri: socketURI(socket), socket: socket)
+      let map = try lacuna("map", "--output=json", server.uri)
+      XCTAssertEqual(map.status, 0, map.stderr)
+      if depth {
+        XCTAssertEqual(try mapRanges(map.stdout, "present", false), try mapRanges(local, "present", false), map.stdout)
+        XCTAssertEqual(try mapRanges(map.stdout, "present", false), [6 << 20..<8 << 20, 9 << 20..<12 << 20, 13 << 20..<16 << 20])
+      } else {
+        XCTAssertEqual(try mapRanges(map.stdout, "present", false), [], map.stdout)
+      }
+      XCTAssertEqual(try mapRanges(map.stdout, "data", true), try mapRanges(local, "data", true), map.stdout)
+      let out = path("d\(depth).qcow2")
+      let outcome = try lacuna("convert", "-O", "qcow2", server.uri, out)
+      XCTAssertEqual(outcome.status, 0, outcome.stderr)
+      try qemuImgOK("compare", top, out)
+      XCTAssertEqual(try mapRanges(try qemuImgOK("map", "--output=json", out), "data", true), [0..<6 << 20, 12 << 20..<13 << 20])
+      server.stop()
+    }
+  }
+
   /// nbdkit's file plugin serves a qcow2 file as plain bytes: lacuna probes the export's
   /// content as it probes a file's, and reads the qcow2 inside over the network. The
   /// export's holes are never read.
