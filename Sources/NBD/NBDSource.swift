@@ -70,53 +70,36 @@ public final class NBDSource: ByteSource, @unchecked Sendable {
   /// a hole or zeros. Nil when the server does not answer block status.
   public func dataRanges(in range: Range<Int64>) throws -> [Range<Int64>]? {
     guard hasAllocation else { return nil }
-    let range = range.clamped(to: 0..<exportSize)
-    var result: [Range<Int64>] = []
-    var position = range.lowerBound
-    while position < range.upperBound {
-      let runs = try withConnection { try $0.blockStatus(position..<range.upperBound) }
-      guard !runs.isEmpty else {
-        throw ImageError.invalid(path: name, "the server answered no allocation at \(hex(position))")
-      }
-      for run in runs where position < range.upperBound {
-        guard run.length > 0 else {
-          throw ImageError.invalid(path: name, "the server answered an empty allocation run at \(hex(position))")
-        }
-        let end = min(position + run.length, range.upperBound)
-        let readsAsZero = run.flags & UInt32(LIBNBD_STATE_HOLE) != 0 || run.flags & UInt32(LIBNBD_STATE_ZERO) != 0
-        if !readsAsZero {
-          if let last = result.last, last.upperBound == position {
-            result[result.count - 1] = last.lowerBound..<end
-          } else {
-            result.append(position..<end)
-          }
-        }
-        position = end
-      }
-    }
-    return result
+    let hole = UInt32(LIBNBD_STATE_HOLE) | UInt32(LIBNBD_STATE_ZERO)
+    return try ranges(in: range, context: "base:allocation") { $0 & hole == 0 }
   }
-}
 
-extension NBDSource {
   /// The parts of `range` that no layer of the server's backing chain holds
   /// (`qemu:allocation-depth` 0, from qemu-nbd -A). Nil when the server does not say.
   public func absentRanges(in range: Range<Int64>) throws -> [Range<Int64>]? {
     guard hasDepth else { return nil }
+    return try ranges(in: range, context: NBDConnection.depthContext) { $0 == 0 }
+  }
+
+  /// The parts of `range` whose block status in `context` passes `test`, touching parts
+  /// merged.
+  private func ranges(
+    in range: Range<Int64>, context: String, where test: (UInt32) -> Bool
+  ) throws -> [Range<Int64>] {
     let range = range.clamped(to: 0..<exportSize)
     var result: [Range<Int64>] = []
     var position = range.lowerBound
     while position < range.upperBound {
-      let runs = try withConnection { try $0.blockStatus(position..<range.upperBound, context: NBDConnection.depthContext) }
+      let runs = try withConnection { try $0.blockStatus(position..<range.upperBound, context: context) }
       guard !runs.isEmpty else {
-        throw ImageError.invalid(path: name, "the server answered no allocation depth at \(hex(position))")
+        throw ImageError.invalid(path: name, "the server answered no \(context) status at \(hex(position))")
       }
       for run in runs where position < range.upperBound {
         guard run.length > 0 else {
-          throw ImageError.invalid(path: name, "the server answered an empty allocation-depth run at \(hex(position))")
+          throw ImageError.invalid(path: name, "the server answered an empty \(context) run at \(hex(position))")
         }
         let end = min(position + run.length, range.upperBound)
-        if run.flags == 0 {
+        if test(run.flags) {
           if let last = result.last, last.upperBound == position {
             result[result.count - 1] = last.lowerBound..<end
           } else {
