@@ -15,12 +15,7 @@ enum Qemu {
   /// Runs a qemu tool; returns its standard output, fails the test on a non-zero exit.
   @discardableResult
   static func run(_ tool: String, _ arguments: [String], file: StaticString = #filePath, line: UInt = #line) throws -> Data {
-    let outcome = try runProgram(try require(tool), arguments)
-    guard outcome.status == 0 else {
-      XCTFail("\(tool) \(arguments.joined(separator: " ")) failed: \(outcome.stderr)", file: file, line: line)
-      throw CocoaError(.fileReadUnknown)
-    }
-    return Data(outcome.stdout.utf8)
+    Data(try QemuTools.run(tool, arguments, file: file, line: line).utf8)
   }
 
   /// A qemu image spec that opens `path` as qcow2 without its backing file, so qemu
@@ -32,37 +27,16 @@ enum Qemu {
 
   /// The virtual disk of one layer as qemu-img reads it (unallocated reads as zeros).
   static func rawContent(of path: String, in directory: URL) throws -> [UInt8] {
-    let output = directory.appendingPathComponent(UUID().uuidString + ".raw").path
-    try run("qemu-img", ["convert", "-O", "raw", layerOnly(path), output])
-    defer { try? FileManager.default.removeItem(atPath: output) }
-    return [UInt8](try Data(contentsOf: URL(fileURLWithPath: output)))
+    try QemuTools.rawContent(of: layerOnly(path), format: nil, in: directory)
   }
 
-  /// One entry of `qemu-img map --output=json`.
-  struct MapEntry: Equatable, CustomStringConvertible {
-    var start: Int64
-    var length: Int64
-    var present: Bool
-    var zero: Bool
-    var data: Bool
-    var offset: Int64?
-
-    var description: String {
-      "{\(start)+\(length) present=\(present) zero=\(zero) data=\(data)" + (offset.map { " offset=\($0)" } ?? "") + "}"
-    }
-  }
+  typealias MapEntry = QemuMapEntry
 
   /// qemu-img's map of one layer, with data over host-file holes counted as data (below).
+  /// qemu-img map also asks the host file system: a data cluster whose host bytes are a hole
+  /// is `"zero": true, "data": true`, as the reader answers it (`isHostHole`).
   static func map(of path: String) throws -> [MapEntry] {
-    let json = try JSONSerialization.jsonObject(with: run("qemu-img", ["map", "--output=json", layerOnly(path)]))
-    // qemu-img map also asks the host file system: a data cluster whose host bytes are a
-    // hole is `"zero": true, "data": true`, as the reader answers it (`isHostHole`).
-    return (json as! [[String: Any]]).map { entry in
-      MapEntry(
-        start: (entry["start"] as! NSNumber).int64Value, length: (entry["length"] as! NSNumber).int64Value,
-        present: entry["present"] as! Bool, zero: entry["zero"] as! Bool, data: entry["data"] as! Bool,
-        offset: (entry["offset"] as? NSNumber)?.int64Value)
-    }
+    try QemuTools.mapEntries(String(decoding: try run("qemu-img", ["map", "--output=json", layerOnly(path)]), as: UTF8.self))
   }
 
   /// `qemu-img info --output=json`, parsed, and the raw text (for key order).

@@ -10,20 +10,12 @@ enum VDIJudge {
   /// Runs a qemu tool; returns its standard output, fails the test on a non-zero exit.
   @discardableResult
   static func run(_ tool: String, _ arguments: [String], file: StaticString = #filePath, line: UInt = #line) throws -> Data {
-    let outcome = try runProgram(try requireProgram(tool), arguments)
-    guard outcome.status == 0 else {
-      XCTFail("\(tool) \(arguments.joined(separator: " ")) failed: \(outcome.stderr)", file: file, line: line)
-      throw CocoaError(.fileReadUnknown)
-    }
-    return Data(outcome.stdout.utf8)
+    Data(try QemuTools.run(tool, arguments, file: file, line: line).utf8)
   }
 
   /// The virtual disk as `qemu-img convert -O raw` writes it.
   static func rawContent(of path: String, in directory: URL) throws -> [UInt8] {
-    let output = directory.appendingPathComponent(UUID().uuidString + ".raw").path
-    try run("qemu-img", ["convert", "-f", "vdi", "-O", "raw", path, output])
-    defer { try? FileManager.default.removeItem(atPath: output) }
-    return [UInt8](try Data(contentsOf: URL(fileURLWithPath: output)))
+    try QemuTools.rawContent(of: path, format: "vdi", in: directory)
   }
 
   /// `qemu-img map --output=json` as extents with host offsets. qemu also asks the host file

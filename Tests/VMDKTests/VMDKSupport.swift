@@ -9,35 +9,15 @@ enum QemuJudge {
   /// Runs a qemu tool; returns its standard output, fails the test on a non-zero exit.
   @discardableResult
   static func run(_ tool: String, _ arguments: [String], file: StaticString = #filePath, line: UInt = #line) throws -> String {
-    let outcome = try runProgram(try requireProgram(tool), arguments)
-    guard outcome.status == 0 else {
-      XCTFail("\(tool) \(arguments.joined(separator: " ")) failed: \(outcome.stderr)", file: file, line: line)
-      throw CocoaError(.fileReadUnknown)
-    }
-    return outcome.stdout
+    try QemuTools.run(tool, arguments, file: file, line: line)
   }
 
   /// The virtual disk as qemu-img reads it.
   static func rawContent(of path: String, in directory: URL) throws -> [UInt8] {
-    let output = directory.appendingPathComponent(UUID().uuidString + ".raw").path
-    try run("qemu-img", ["convert", "-f", "vmdk", "-O", "raw", path, output])
-    defer { try? FileManager.default.removeItem(atPath: output) }
-    return [UInt8](try Data(contentsOf: URL(fileURLWithPath: output)))
+    try QemuTools.rawContent(of: path, format: "vmdk", in: directory)
   }
 
-  /// One entry of `qemu-img map --output=json`.
-  struct MapEntry: Equatable, CustomStringConvertible {
-    var start: Int64
-    var length: Int64
-    var present: Bool
-    var zero: Bool
-    var data: Bool
-    var offset: Int64?
-
-    var description: String {
-      "{\(start)+\(length) present=\(present) zero=\(zero) data=\(data)" + (offset.map { " offset=\($0)" } ?? "") + "}"
-    }
-  }
+  typealias MapEntry = QemuMapEntry
 
   /// qemu-img's map, with data over host-file holes counted as data: qemu also asks the
   /// file system, we answer for the format only. `holesAsZero`: for flat extents, which
@@ -45,13 +25,8 @@ enum QemuJudge {
   /// ("data": true, "zero": true) is counted as zero.
   static func map(of path: String, holesAsZero: Bool = false) throws -> [MapEntry] {
     let text = try run("qemu-img", ["map", "-f", "vmdk", "--output=json", path])
-    let json = try JSONSerialization.jsonObject(with: Data(text.utf8)) as! [[String: Any]]
     var result: [MapEntry] = []
-    for object in json {
-      var entry = MapEntry(
-        start: (object["start"] as! NSNumber).int64Value, length: (object["length"] as! NSNumber).int64Value,
-        present: object["present"] as! Bool, zero: object["zero"] as! Bool, data: object["data"] as! Bool,
-        offset: (object["offset"] as? NSNumber)?.int64Value)
+    for var entry in try QemuTools.mapEntries(text) {
       if holesAsZero, entry.data, entry.zero { entry.data = false }
       if entry.data { entry.zero = false }
       if var last = result.last, last.present == entry.present, last.zero == entry.zero, last.data == entry.data,
