@@ -42,14 +42,17 @@ public final class NBDTarget: KeepingByteTarget {
   public var synchronizes = true
   private var closed = false
   /// Per connection.
-  static let maximumInFlight = 16
+  static let maximumInFlight = 64
   /// Bytes in flight at most, over all connections. More did not go faster: writing W1 to
   /// qemu-nbd took 0.31-0.43 s with 16 MiB (4 MiB per connection) and 0.62-0.75 s with 64.
   static let maximumBytesInFlight = 16 << 20
   /// Connections at most, when the server offers multi-conn.
   static let maximumConnections = 4
-  /// Data requests are cut to this size at most.
-  static let largestPiece = 1 << 20
+  /// Data requests are cut to this size at most. Smaller requests let the server take in
+  /// one while it writes another: W1 to qemu-nbd (4 connections, 4 MiB in flight on each)
+  /// took 0.42-0.47 s with 256 KiB requests, 0.62-0.72 s with 1 MiB, in the same runs as
+  /// nbdcopy's 0.53-0.56 s.
+  static let largestPiece = 256 << 10
 
   /// One connection and the requests sent on it and not yet known done, oldest first, with
   /// the bytes they send.
@@ -121,9 +124,9 @@ public final class NBDTarget: KeepingByteTarget {
     }
     lane.pending.append((cookie, buffer, owner, bytes, range))
     lane.pendingBytes += bytes
-    // Move the connection along without waiting: send what the socket takes now, and take
+    // Move the connections along without waiting: send what the sockets take now, and take
     // in the replies that have come.
-    while nbd_aio_in_flight(lane.connection.handle) > 0, nbd_poll(lane.connection.handle, 0) == 1 {}
+    try pump(timeout: 0)
     try retire(lane, keeping: NBDTarget.maximumInFlight, bytes: NBDTarget.maximumBytesInFlight / lanes.count)
   }
 
@@ -131,14 +134,48 @@ public final class NBDTarget: KeepingByteTarget {
   /// in flight there.
   private func retire(_ lane: Lane, keeping count: Int, bytes: Int) throws {
     while let oldest = lane.pending.first, lane.pending.count > count || lane.pendingBytes > bytes {
-      do {
-        try lane.connection.wait(oldest.cookie, "write \(oldest.range.count) bytes at \(hex(oldest.range.lowerBound))")
-      } catch let error as ImageError {
-        throw ImageError.advised(error, advice: progress)
+      let what = oldest.buffer == nil && oldest.owner == nil ? "zero" : "write"
+      let request = "\(what) \(oldest.range.count) bytes at \(hex(oldest.range.lowerBound))"
+      let deadline = NBDConnection.now() + lane.connection.timeoutMilliseconds
+      while true {
+        let done = nbd_aio_command_completed(lane.connection.handle, UInt64(oldest.cookie))
+        if done == 1 { break }
+        if done == -1 { throw ImageError.advised(lane.connection.failure(request), advice: progress) }
+        let remaining = deadline - NBDConnection.now()
+        guard remaining > 0 else {
+          throw ImageError.advised(
+            ImageError.invalid(
+              path: name, "\(request): no answer from the server in \(lane.connection.timeoutMilliseconds / 1000) s"),
+            advice: progress)
+        }
+        try pump(timeout: Int32(min(remaining, 1000)))
       }
       if let buffer = oldest.buffer { spareBuffers.append(buffer) }
       lane.pendingBytes -= oldest.bytes
       lane.pending.removeFirst()
+    }
+  }
+
+  /// Moves every connection along at once: waits up to `timeout` milliseconds (0: not at
+  /// all) until one of them can send or has a reply, then lets libnbd send and take in what
+  /// it can on each. (Waiting on one connection alone would leave the others' requests
+  /// unsent meanwhile.) A connection that fails is left for its requests to report.
+  private func pump(timeout: Int32) throws {
+    var fds = lanes.map { lane -> pollfd in
+      let handle = lane.connection.handle
+      guard nbd_aio_is_dead(handle) == 0, nbd_aio_is_closed(handle) == 0 else { return pollfd(fd: -1, events: 0, revents: 0) }
+      let direction = nbd_aio_get_direction(handle)
+      var events: Int16 = 0
+      if direction & UInt32(LIBNBD_AIO_DIRECTION_READ) != 0 { events |= Int16(POLLIN) }
+      if direction & UInt32(LIBNBD_AIO_DIRECTION_WRITE) != 0 { events |= Int16(POLLOUT) }
+      return pollfd(fd: nbd_aio_get_fd(handle), events: events, revents: 0)
+    }
+    guard poll(&fds, nfds_t(fds.count), timeout) > 0 else { return }
+    for (lane, fd) in zip(lanes, fds) where fd.revents != 0 {
+      if fd.revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 { _ = nbd_aio_notify_read(lane.connection.handle) }
+      if fd.revents & Int16(POLLOUT) != 0, nbd_aio_is_dead(lane.connection.handle) == 0 {
+        _ = nbd_aio_notify_write(lane.connection.handle)
+      }
     }
   }
 
