@@ -262,12 +262,19 @@ public final class Converter {
     let mappings: [FileMapping?] =
       mapSources && copying!.copies(in: options.copyMode)
       ? (chain?.layers.map { $0.plainHostFile.flatMap { FileMapping(file: $0) } } ?? []) : []
+    // A sequential source's own check of its data (the stream's checksum) runs on the
+    // workers with the zero scan, so the thread that reads the source only moves bytes.
+    var checkReceived: ((UnsafeRawBufferPointer, Int64) -> Void)?
+    if case .sequential(let reader) = input, let deferring = reader as? DeferredCheckSequentialReader {
+      deferring.deferDataChecks()
+      checkReceived = { deferring.checkData($0, at: $1) }
+    }
     let pipeline = OrderedPipeline<Job, FilledUnit>(
       threads: options.threads, capacity: options.threads * 4
-    ) { [writer] job in
+    ) { [writer, checkReceived] job in
       let filled = try Converter.fill(
         job, chain: chain, sparseSize: sparseSize, pool: pool, base: base, granularity: granularity,
-        mappings: mappings)
+        mappings: mappings, checkReceived: checkReceived)
       if let preparing = writer as? PreparingImageWriter {
         filled.prepared = try preparing.prepare(
           UnsafeRawBufferPointer(rebasing: filled.buffer[0..<filled.length]), at: filled.start,
@@ -611,12 +618,12 @@ public final class Converter {
     return result
   }
 
-  /// A worker's job: read a unit's data segments (or take them from the job's buffer),
-  /// then split them into data and zero runs at `sparseSize` blocks aligned to the disk.
-  /// Segments known to be zero are not read.
+  /// A worker's job: read a unit's data segments (or take them from the job's buffer, and
+  /// hand received bytes to `checkReceived`), then split them into data and zero runs at
+  /// `sparseSize` blocks aligned to the disk. Segments known to be zero are not read.
   static func fill(
     _ job: Job, chain: Chain?, sparseSize: Int, pool: BufferPool, base: Chain? = nil, granularity: Int64 = 1,
-    mappings: [FileMapping?] = []
+    mappings: [FileMapping?] = [], checkReceived: ((UnsafeRawBufferPointer, Int64) -> Void)? = nil
   ) throws -> FilledUnit {
     let segments = job.segments
     let start = segments.first!.range.lowerBound
@@ -663,6 +670,7 @@ public final class Converter {
           scan(slice, at: segment.range.lowerBound)
         case .received:
           bytesRead += Int64(slice.count)
+          checkReceived?(UnsafeRawBufferPointer(slice), segment.range.lowerBound)
           scan(slice, at: segment.range.lowerBound)
         case .zeroFilled:
           slice.initializeMemory(as: UInt8.self, repeating: 0)
