@@ -287,6 +287,10 @@ public final class Converter {
           filled.mappedUnit ?? UnsafeRawBufferPointer(rebasing: filled.buffer[0..<filled.length]), at: filled.start,
           dataRanges: filled.runs.filter { $0.kind == .data }.map(\.range))
       }
+      // The kernel copies from the file, not from the mapping: its pages leave the page
+      // tables now, so resident memory stays the buffers', not the units' in flight too. A
+      // write that must fall back to the bytes faults them back in.
+      for piece in filled.hostPieces { if let mapped = piece.mapped { FileMapping.release(mapped) } }
       return filled
     }
     defer {
@@ -389,7 +393,6 @@ public final class Converter {
         statistics.bytesRead += filled.bytesRead
         statistics.holeBytesWritten += filled.filledBytes
         try writeRuns(filled.runs, from: filled)
-        for piece in filled.hostPieces { if let mapped = piece.mapped { FileMapping.release(mapped) } }
       }
       if waitingHead > 1024 && waitingHead * 2 > waiting.count {
         waiting.removeFirst(waitingHead)

@@ -213,10 +213,10 @@ public final class FileMapping: @unchecked Sendable {
     return UnsafeRawBufferPointer(start: base + Int(range.lowerBound), count: range.count)
   }
 
-  /// Drops the page tables of `bytes` (got from `bytes(_:)`) once they are written: the
+  /// Drops the page tables of `bytes` (got from `bytes(_:)`) once they were checked: the
   /// pages stay in the page cache, but no longer count in the process's resident memory,
-  /// which stays bounded by the units in flight instead of growing to the source's size.
-  /// A page shared with a unit still in use is faulted back in if touched again.
+  /// which would otherwise grow to the source's size. A page touched again (a write that
+  /// falls back to the bytes, a page shared with another unit) is faulted back in.
   public static func release(_ bytes: UnsafeRawBufferPointer) {
     guard let start = bytes.baseAddress, bytes.count > 0 else { return }
     let page = 4096
