@@ -348,6 +348,16 @@ public final class QCOW2Writer: CopyingPreparingImageWriter {
       try commit(prepared)
       return CopyTally()
     }
+    // The copier writes to the file itself: a lack of room is explained as `write` does.
+    if let output = output as? OutputFile {
+      return try output.explainingRoom { try commitCopying(unit, copier: copier, sources: sources, mode: mode) }
+    }
+    return try commitCopying(unit, copier: copier, sources: sources, mode: mode)
+  }
+
+  private func commitCopying(
+    _ unit: PlainUnit, copier: KernelCopier, sources: [(range: Range<Int64>, bytes: HostBytes)], mode: CopyMode
+  ) throws -> CopyTally {
     var tally = CopyTally()
     let bits = Int64(clusterBits)
     func bytes(_ range: Range<Int64>) -> UnsafeRawBufferPointer {

@@ -66,7 +66,8 @@ public final class RawWriter: CopyingImageWriter {
       tally.written = Int64(bytes.count)
       return tally
     }
-    return try copier.write(bytes, at: offset, from: source, mode: mode)
+    guard let output = target as? OutputFile else { return try copier.write(bytes, at: offset, from: source, mode: mode) }
+    return try output.explainingRoom { try copier.write(bytes, at: offset, from: source, mode: mode) }
   }
 
   public func writeZeroes(_ range: Range<Int64>) throws {

@@ -5,7 +5,7 @@ import DiskImage
 /// that it stays inside the disk, that it covers something), then at the end the DONE
 /// record, the CRC-32 of the disk, and that nothing follows. Memory is the input's buffer,
 /// whatever the disk.
-public final class StreamReceiver: SequentialImageReader {
+public final class StreamReceiver: DeferredCheckSequentialReader {
   public let input: SequentialInput
   /// The virtual size the stream's SIZE line gives.
   public let virtualSize: Int64
@@ -13,6 +13,11 @@ public final class StreamReceiver: SequentialImageReader {
   public var bytesConsumed: Int64 { input.offset }
 
   private var checksum = DiskChecksum()
+  /// Set once the data's check is left to the caller (`deferDataChecks`): data pieces are
+  /// folded in here, by whoever holds them, in any order.
+  private var scattered: ScatteredDiskChecksum?
+  /// Data bytes handed out while the check is deferred: the caller must have checked as many.
+  private var dataBytesDeferred: Int64 = 0
   /// The record being consumed and what is left of it (0: read the next header).
   private var current: StreamRecord = .zero(0)
   private var remaining: Int64 = 0
@@ -57,10 +62,20 @@ public final class StreamReceiver: SequentialImageReader {
       return Extent(start..<position, .data)
     }
     let n = min(remaining, limit)
-    checksum.updateZeros(n)
+    if scattered == nil { checksum.updateZeros(n) }
     remaining -= n
     position += n
     return Extent(start..<position, .zero)
+  }
+
+  public func deferDataChecks() {
+    guard scattered == nil else { return }
+    precondition(position == 0, "the check is deferred before the first piece")
+    scattered = ScatteredDiskChecksum(diskSize: virtualSize)
+  }
+
+  public func checkData(_ bytes: UnsafeRawBufferPointer, at offset: Int64) {
+    scattered?.add(bytes, at: offset)
   }
 
   /// Checks the end of the stream: a DONE record whose checksum matches, then nothing.
@@ -76,10 +91,16 @@ public final class StreamReceiver: SequentialImageReader {
         path: input.name,
         "\(record.kind) record at stream offset \(doneOffset): the disk ends at \(virtualSize) bytes, expected DONE")
     }
-    guard expected == checksum.value else {
+    if let scattered, scattered.dataBytes != dataBytesDeferred {
       throw ImageError.invalid(
         path: input.name,
-        "checksum mismatch: the DONE record says CRC-32 \(expected), the disk received has \(checksum.value) (the stream was damaged)")
+        "internal: \(scattered.dataBytes) data bytes were checked of the \(dataBytesDeferred) received")
+    }
+    let received = scattered?.value ?? checksum.value
+    guard expected == received else {
+      throw ImageError.invalid(
+        path: input.name,
+        "checksum mismatch: the DONE record says CRC-32 \(expected), the disk received has \(received) (the stream was damaged)")
     }
     guard try input.isAtEnd() else {
       throw ImageError.invalid(path: input.name, "bytes follow the DONE record at stream offset \(input.offset)")
@@ -121,7 +142,7 @@ public final class StreamReceiver: SequentialImageReader {
         path: input.name,
         "the stream ends inside the DATA record at stream offset \(currentOffset), \(remaining - Int64(n)) bytes short (disk offset \(position + Int64(n))): it was cut short")
     }
-    checksum.update(UnsafeRawBufferPointer(slice))
+    if scattered != nil { dataBytesDeferred += Int64(n) } else { checksum.update(UnsafeRawBufferPointer(slice)) }
     remaining -= Int64(n)
     position += Int64(n)
   }

@@ -6,6 +6,7 @@
 #include <linux/falloc.h>
 #include <linux/fs.h>
 #include <sys/ioctl.h>
+#include <sys/stat.h>
 #include <sys/vfs.h>
 #include <signal.h>
 #include <sys/types.h>
@@ -51,6 +52,14 @@ int64_t lacuna_file_system_type(int fd) {
 int64_t lacuna_copy_range(int dest_fd, int64_t dest_offset, int source_fd, int64_t source_offset, int64_t length) {
   loff_t in = (loff_t)source_offset, out = (loff_t)dest_offset;
   return (int64_t)copy_file_range(source_fd, &in, dest_fd, &out, (size_t)length, 0);
+}
+
+int lacuna_grow_pipe(int fd, int size) {
+  struct stat info;
+  if (fstat(fd, &info) != 0 || !S_ISFIFO(info.st_mode)) return -1;
+  int current = fcntl(fd, F_GETPIPE_SZ);
+  if (current >= size) return current;
+  return fcntl(fd, F_SETPIPE_SZ, size);
 }
 
 int lacuna_zero_device_range(int fd, int64_t offset, int64_t length) {

@@ -196,6 +196,9 @@ public final class Converter {
     var hostPieces: [HostPiece] = []
     /// What a `PreparingImageWriter` made of the unit on the worker thread.
     var prepared: AnyObject?
+    /// The unit's bytes where they lie mapped from one source file, in place of `buffer`
+    /// (only its data ranges are valid there), when `fill` was asked for the whole unit.
+    var mappedUnit: UnsafeRawBufferPointer?
 
     init(
       start: Int64, buffer: UnsafeMutableRawBufferPointer, length: Int, pool: BufferPool, runs: [Run],
@@ -258,24 +261,39 @@ public final class Converter {
     let copying = writer as? CopyingImageWriter
     let copyingPreparer = writer as? CopyingPreparingImageWriter
     let copyMode = options.copyMode
-    // A writer that prepares units needs their bytes in the buffer; only one that writes
-    // from them directly lets the workers check mapped source bytes instead.
-    let mapSources = copying != nil && !(writer is PreparingImageWriter) && options.copyMode != .rw
+    // Data the writer may take from a source file by the kernel is checked for zeros where
+    // it lies mapped, not read into a buffer: the kernel's copy is then the only copy of
+    // each byte. A writer that prepares units gets the whole unit's bytes in one piece,
+    // which the mapping gives only when all its data lies in one file at one shift
+    // (`fill` reads the unit otherwise).
+    let writerCopies =
+      options.copyMode != .rw && (copying?.copies(in: copyMode) ?? copyingPreparer?.copies(in: copyMode) ?? false)
+    let preparing = writer is PreparingImageWriter
     // One mapping per layer file, made once; kept (so the pointers stay valid) until the end.
     let mappings: [FileMapping?] =
-      mapSources && copying!.copies(in: options.copyMode)
-      ? (chain?.layers.map { $0.plainHostFile.flatMap { FileMapping(file: $0) } } ?? []) : []
+      writerCopies ? (chain?.layers.map { $0.plainHostFile.flatMap { FileMapping(file: $0) } } ?? []) : []
+    // A sequential source's own check of its data (the stream's checksum) runs on the
+    // workers with the zero scan, so the thread that reads the source only moves bytes.
+    var checkReceived: ((UnsafeRawBufferPointer, Int64) -> Void)?
+    if case .sequential(let reader) = input, let deferring = reader as? DeferredCheckSequentialReader {
+      deferring.deferDataChecks()
+      checkReceived = { deferring.checkData($0, at: $1) }
+    }
     let pipeline = OrderedPipeline<Job, FilledUnit>(
       threads: options.threads, capacity: options.threads * 4
-    ) { [writer] job in
+    ) { [writer, checkReceived] job in
       let filled = try Converter.fill(
         job, chain: chain, sparseSize: sparseSize, pool: pool, base: base, granularity: granularity,
-        mappings: mappings)
+        mappings: mappings, wholeUnit: preparing, checkReceived: checkReceived)
       if let preparing = writer as? PreparingImageWriter {
         filled.prepared = try preparing.prepare(
-          UnsafeRawBufferPointer(rebasing: filled.buffer[0..<filled.length]), at: filled.start,
+          filled.mappedUnit ?? UnsafeRawBufferPointer(rebasing: filled.buffer[0..<filled.length]), at: filled.start,
           dataRanges: filled.runs.filter { $0.kind == .data }.map(\.range))
       }
+      // The kernel copies from the file, not from the mapping: its pages leave the page
+      // tables now, so resident memory stays the buffers', not the units' in flight too. A
+      // write that must fall back to the bytes faults them back in.
+      for piece in filled.hostPieces { if let mapped = piece.mapped { FileMapping.release(mapped) } }
       return filled
     }
     defer {
@@ -620,17 +638,35 @@ public final class Converter {
     return result
   }
 
-  /// A worker's job: read a unit's data segments (or take them from the job's buffer),
-  /// then split them into data and zero runs at `sparseSize` blocks aligned to the disk.
-  /// Segments known to be zero are not read.
+  /// A worker's job: read a unit's data segments (or take them from the job's buffer, and
+  /// hand received bytes to `checkReceived`), then split them into data and zero runs at
+  /// `sparseSize` blocks aligned to the disk. Segments known to be zero are not read.
   static func fill(
     _ job: Job, chain: Chain?, sparseSize: Int, pool: BufferPool, base: Chain? = nil, granularity: Int64 = 1,
-    mappings: [FileMapping?] = []
+    mappings: [FileMapping?] = [], wholeUnit: Bool = false,
+    checkReceived: ((UnsafeRawBufferPointer, Int64) -> Void)? = nil
   ) throws -> FilledUnit {
     let segments = job.segments
     let start = segments.first!.range.lowerBound
     let end = segments.last!.range.upperBound
     let buffer = job.buffer ?? pool.take(Int(end - start))
+    // A writer that takes the unit in one piece can have it mapped only when all its data
+    // lies in one layer's file at one shift from the disk (a raw source: at the same offsets).
+    var mappedUnit: UnsafeRawBufferPointer?
+    var mappings = mappings
+    if wholeUnit, !mappings.isEmpty {
+      let data = segments.filter { $0.source.hasData }
+      if case .layer(let depth)? = data.first?.source, depth < mappings.count, let mapping = mappings[depth],
+        let first = data.first?.hostOffset
+      {
+        let shift = first - data.first!.range.lowerBound
+        let oneFile = data.allSatisfy { segment in
+          segment.source == .layer(depth) && segment.hostOffset.map { $0 - segment.range.lowerBound == shift } == true
+        }
+        mappedUnit = oneFile ? mapping.view(start + shift..<end + shift) : nil
+      }
+      if mappedUnit == nil { mappings = [] }
+    }
     var runs: [Run] = []
     var bytesRead: Int64 = 0
     var filledBytes: Int64 = 0
@@ -672,6 +708,7 @@ public final class Converter {
           scan(slice, at: segment.range.lowerBound)
         case .received:
           bytesRead += Int64(slice.count)
+          checkReceived?(UnsafeRawBufferPointer(slice), segment.range.lowerBound)
           scan(slice, at: segment.range.lowerBound)
         case .zeroFilled:
           slice.initializeMemory(as: UInt8.self, repeating: 0)
@@ -696,6 +733,7 @@ public final class Converter {
       start: start, buffer: buffer, length: Int(end - start), pool: pool, runs: runs.merged(), bytesRead: bytesRead)
     filled.filledBytes = filledBytes
     filled.hostPieces = hostPieces
+    filled.mappedUnit = mappedUnit
     return filled
   }
 }

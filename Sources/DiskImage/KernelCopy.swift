@@ -9,7 +9,10 @@ import CLacunaSys
 /// zero detection decides what becomes a hole; only the non-zero blocks are cloned or copied.
 public enum CopyMode: String, CaseIterable, Sendable {
   /// Share extents where the file system can (FICLONERANGE: XFS with reflink, btrfs,
-  /// bcachefs), else write the bytes read. The first refusal turns cloning off silently.
+  /// bcachefs), else let the kernel copy (copy_file_range), else write the bytes read. The
+  /// first refusal of each turns it off silently. Where nothing can be shared (ext4), the
+  /// kernel's copy goes from page cache to page cache once, where reading into a buffer and
+  /// writing it back copies every byte twice: W1 qcow2 -> raw on ext4 took half the CPU.
   case auto
   /// Share extents; an output on a file system that cannot is an error.
   case clone
@@ -82,8 +85,8 @@ public final class KernelCopier {
     self.destination = destination
     var info = statvfs()
     blockSize = fstatvfs(destination.descriptor, &info) == 0 && info.f_bsize > 0 ? Int64(info.f_bsize) : 4096
-    // File systems known never to share extents: auto does not even try (nor map the
-    // source to check it in place), it writes from the start.
+    // File systems known never to share extents: auto does not even try, it copies by the
+    // kernel from the start.
     canClone = !Self.neverShares.contains(lacuna_file_system_type(destination.descriptor))
   }
 
@@ -92,7 +95,7 @@ public final class KernelCopier {
 
   public func copies(in mode: CopyMode) -> Bool {
     switch mode {
-    case .auto: return canClone
+    case .auto: return canClone || canCopy
     case .clone: return true
     case .copy: return canCopy
     case .rw: return false
@@ -116,37 +119,7 @@ public final class KernelCopier {
         at: range.lowerBound)
       tally.written += Int64(range.count)
     }
-    switch mode {
-    case .rw:
-      try writePart(offset..<offset + count)
-    case .auto, .clone:
-      let shift = source.offset - offset
-      let head = (offset + blockSize - 1) / blockSize * blockSize
-      let tail = (offset + count) / blockSize * blockSize
-      guard canClone || mode == .clone, shift % blockSize == 0, tail > head else {
-        try writePart(offset..<offset + count)
-        break
-      }
-      if lacuna_clone_range(destination.descriptor, head, source.file.descriptor, head + shift, tail - head) == 0 {
-        tally.cloned += tail - head
-        try writePart(offset..<head)
-        try writePart(tail..<offset + count)
-      } else {
-        let code = errno
-        guard Self.isRefusal(code) else {
-          throw ImageError.system(
-            path: destination.path, operation: "share \(tail - head) bytes at \(head) with \(source.file.path)",
-            errno: code)
-        }
-        guard mode == .auto else {
-          throw ImageError.advised(
-            .system(path: destination.path, operation: "share extents with \(source.file.path)", errno: code),
-            advice: "--copy-mode=clone needs the source and the output on one file system that shares extents (XFS with reflink, btrfs); --copy-mode=auto writes instead")
-        }
-        canClone = false
-        try writePart(offset..<offset + count)
-      }
-    case .copy:
+    func copy() throws {
       var done: Int64 = 0
       while canCopy && done < count {
         let n = lacuna_copy_range(
@@ -166,6 +139,41 @@ public final class KernelCopier {
         canCopy = false  // refused, or the source ended early: write the rest
       }
       try writePart(offset + done..<offset + count)
+    }
+    switch mode {
+    case .rw:
+      try writePart(offset..<offset + count)
+    case .auto where !canClone:
+      try copy()
+    case .auto, .clone:
+      let shift = source.offset - offset
+      let head = (offset + blockSize - 1) / blockSize * blockSize
+      let tail = (offset + count) / blockSize * blockSize
+      guard canClone || mode == .clone, shift % blockSize == 0, tail > head else {
+        if mode == .auto { try copy() } else { try writePart(offset..<offset + count) }
+        break
+      }
+      if lacuna_clone_range(destination.descriptor, head, source.file.descriptor, head + shift, tail - head) == 0 {
+        tally.cloned += tail - head
+        try writePart(offset..<head)
+        try writePart(tail..<offset + count)
+      } else {
+        let code = errno
+        guard Self.isRefusal(code) else {
+          throw ImageError.system(
+            path: destination.path, operation: "share \(tail - head) bytes at \(head) with \(source.file.path)",
+            errno: code)
+        }
+        guard mode == .auto else {
+          throw ImageError.advised(
+            .system(path: destination.path, operation: "share extents with \(source.file.path)", errno: code),
+            advice: "--copy-mode=clone needs the source and the output on one file system that shares extents (XFS with reflink, btrfs); --copy-mode=auto writes instead")
+        }
+        canClone = false
+        try copy()
+      }
+    case .copy:
+      try copy()
     }
     return tally
   }
@@ -196,6 +204,26 @@ public final class FileMapping: @unchecked Sendable {
     let start = range.lowerBound / page * page
     _ = madvise(base + Int(start), Int(range.upperBound - start), 22 /* MADV_POPULATE_READ */)
     return UnsafeRawBufferPointer(start: base + Int(range.lowerBound), count: range.count)
+  }
+
+  /// The bytes of `range` of the file (inside it), their page tables left to fill on first
+  /// touch: for a caller that touches only parts of them (populated with `bytes(_:)`).
+  public func view(_ range: Range<Int64>) -> UnsafeRawBufferPointer? {
+    guard range.lowerBound >= 0, range.upperBound <= Int64(length), !range.isEmpty else { return nil }
+    return UnsafeRawBufferPointer(start: base + Int(range.lowerBound), count: range.count)
+  }
+
+  /// Drops the page tables of `bytes` (got from `bytes(_:)`) once they were checked: the
+  /// pages stay in the page cache, but no longer count in the process's resident memory,
+  /// which would otherwise grow to the source's size. A page touched again (a write that
+  /// falls back to the bytes, a page shared with another unit) is faulted back in.
+  public static func release(_ bytes: UnsafeRawBufferPointer) {
+    guard let start = bytes.baseAddress, bytes.count > 0 else { return }
+    let page = 4096
+    let first = (Int(bitPattern: start) + page - 1) / page * page
+    let last = (Int(bitPattern: start) + bytes.count) / page * page
+    guard last > first, let pointer = UnsafeMutableRawPointer(bitPattern: first) else { return }
+    _ = madvise(pointer, last - first, MADV_DONTNEED)
   }
 
   deinit { munmap(base, length) }

@@ -284,8 +284,9 @@ public final class OutputFile: ByteTarget {
     }
   }
 
-  /// Runs `body`, explaining a lack of room (see `explainedRoom`).
-  private func explainingRoom<T>(_ body: () throws -> T) throws -> T {
+  /// Runs `body`, explaining a lack of room (see `explainedRoom`): also for writes that
+  /// reach this file by another way than `write` (a `KernelCopier` on `file`).
+  public func explainingRoom<T>(_ body: () throws -> T) throws -> T {
     do { return try body() } catch { throw explainedRoom(error) }
   }
 

@@ -18,3 +18,16 @@ public protocol SequentialImageReader: AnyObject {
   /// nothing after it).
   func finish() throws
 }
+
+/// A sequential reader whose check of the data it hands out (a checksum over the disk) can
+/// run on other threads than the one that reads: the engine's workers check each unit's
+/// data while the reading thread only moves bytes into buffers.
+public protocol DeferredCheckSequentialReader: SequentialImageReader {
+  /// From now on `next` does not look at the bytes of data pieces: the caller passes every
+  /// byte of every data piece to `checkData(_:at:)` once, before `finish()`. Called before
+  /// the first `next`.
+  func deferDataChecks()
+  /// Folds `bytes`, data the reader handed out at `offset` of the disk, into the check.
+  /// Safe from any thread, in any order.
+  func checkData(_ bytes: UnsafeRawBufferPointer, at offset: Int64)
+}

@@ -1,3 +1,5 @@
+import CLacunaSys
+
 #if canImport(Glibc)
   import Glibc
 #endif
@@ -27,6 +29,9 @@ public final class SequentialInput {
     self.name = name
     self.source = nil
     buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 256 << 10, alignment: 4096)
+    // A pipe holds 64 KiB by default: every read waits for the sender to refill it. 1 MiB
+    // (the unprivileged limit) lets reads take whole records' worth; refusal changes nothing.
+    _ = lacuna_grow_pipe(descriptor, 1 << 20)
   }
 
   /// Reads `source` from its start to its end, as if it came through a pipe.

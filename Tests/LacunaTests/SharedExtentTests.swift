@@ -132,22 +132,45 @@ final class SharedExtentTests: QemuTestCase {
 
   func testBtrfsSharesExtents() throws { try checkCloning(on: "btrfs") }
 
-  /// The test directory's file system (no reflink on ext4 or tmpfs): auto writes, silently;
-  /// clone is refused in one line; copy works or writes.
+  /// The test directory's file system (no reflink on ext4 or tmpfs): auto has the kernel
+  /// copy (copy_file_range: one copy of each byte, page cache to page cache), silently;
+  /// clone is refused in one line; copy works or writes; rw writes.
   func testFallsBackWhereNothingIsShared() throws {
     let source = try makeSource(in: dir.path)
     let auto = try lacuna("convert", "--summary", "-f", "raw", "-O", "raw", source, path("auto.raw"))
     XCTAssertEqual(auto.status, 0, auto.stderr)
     XCTAssertEqual(auto.stderr.split(separator: "\n").count, 1, auto.stderr)
     try assertSameAndSparse(source, path("auto.raw"))
+    let counts = summaryCounts(auto.stderr)
+    XCTAssertEqual(counts.cloned + counts.copied, 10 << 20, "the kernel takes all the data: \(auto.stderr)")
     let copy = try lacuna("convert", "--copy-mode=copy", "-f", "raw", "-O", "raw", source, path("copy.raw"))
     XCTAssertEqual(copy.status, 0, copy.stderr)
     try assertSameAndSparse(source, path("copy.raw"))
-    // raw -> qcow2 falls back the same way: the data clusters are written.
-    let qcow2 = try lacuna("convert", "-f", "raw", "-O", "qcow2", source, path("out.qcow2"))
-    XCTAssertEqual(qcow2.status, 0, qcow2.stderr)
-    XCTAssertEqual(try qemuImg("compare", "-f", "raw", "-F", "qcow2", source, path("out.qcow2")).status, 0)
-    XCTAssertTrue(try qemuImg("check", path("out.qcow2")).stdout.contains("No errors were found"))
+    let rw = try lacuna("convert", "--summary", "--copy-mode=rw", "-f", "raw", "-O", "raw", source, path("rw.raw"))
+    XCTAssertEqual(rw.status, 0, rw.stderr)
+    XCTAssertEqual(summaryCounts(rw.stderr).copied, 0, rw.stderr)
+    try assertSameAndSparse(source, path("rw.raw"))
+    XCTAssertEqual(try runProgram("/usr/bin/cmp", [path("auto.raw"), path("rw.raw")]).status, 0)
+    // raw -> qcow2 the same way: the data clusters are copied by the kernel (checked for
+    // zeros where they lie mapped), or compressed from the mapping; the same bytes as rw.
+    for (name, options) in [("out", [String]()), ("c", ["-c"]), ("zstd", ["-c", "-o", "compression_type=zstd"])] {
+      let qcow2 = try lacuna(["convert", "--summary", "-f", "raw", "-O", "qcow2"] + options + [source, path("\(name).qcow2")])
+      XCTAssertEqual(qcow2.status, 0, qcow2.stderr)
+      XCTAssertEqual(try qemuImg("compare", "-f", "raw", "-F", "qcow2", source, path("\(name).qcow2")).status, 0)
+      XCTAssertTrue(try qemuImg("check", path("\(name).qcow2")).stdout.contains("No errors were found"))
+      let written = try lacuna(["convert", "--copy-mode=rw", "-f", "raw", "-O", "qcow2"] + options + [source, path("\(name)-rw.qcow2")])
+      XCTAssertEqual(written.status, 0, written.stderr)
+      XCTAssertEqual(try runProgram("/usr/bin/cmp", [path("\(name).qcow2"), path("\(name)-rw.qcow2")]).status, 0, "\(options)")
+      if options.isEmpty {
+        let counts = summaryCounts(qcow2.stderr)
+        XCTAssertEqual(counts.cloned + counts.copied, 10 << 20, "the kernel takes all the data: \(qcow2.stderr)")
+      }
+    }
+    // qcow2 -> raw: the data clusters go by the kernel from the qcow2 file.
+    let fromQcow2 = try lacuna("convert", "--summary", "-f", "qcow2", "-O", "raw", path("out.qcow2"), path("back.raw"))
+    XCTAssertEqual(fromQcow2.status, 0, fromQcow2.stderr)
+    try assertSameAndSparse(source, path("back.raw"))
+    XCTAssertEqual(summaryCounts(fromQcow2.stderr).cloned + summaryCounts(fromQcow2.stderr).copied, 10 << 20, fromQcow2.stderr)
     if summaryCounts(auto.stderr).cloned == 0 {
       let clone = try lacuna("convert", "--copy-mode=clone", "-f", "raw", "-O", "raw", source, path("clone.raw"))
       XCTAssertEqual(clone.status, 1, clone.stderr)

@@ -49,6 +49,43 @@ final class StreamPipeTests: XCTestCase {
     XCTAssertEqual(listing(dir), ["dst.img", "src.img"], "no temporary file is left")
   }
 
+  /// The receiver's workers scan, compress and checksum units in whatever order they
+  /// finish: the output is the same bytes for one worker or eight, and what the source holds.
+  func testReceivedStreamGivesTheSameBytesWithOneOrEightWorkers() throws {
+    let qemuImg = try requireQemuImg()
+    let dir = try temporaryDirectory(self)
+    let src = dir.appendingPathComponent("src.img").path
+    _ = try makeStreamSource(src)
+    let dataBytes: Int64 = 4096 + 65536 - 16384 + (3 << 20) + 1000
+    for (format, options) in [("raw", ""), ("qcow2", ""), ("qcow2", "-c -o compression_type=zstd"), ("qcow2", "-c")] {
+      var outputs: [String] = []
+      for workers in [1, 8] {
+        let name = "out-\(workers).\(format)"
+        let outcome = try streamShell(
+          #""$LACUNA" convert -O stream src.img - | "$LACUNA" convert -f stream -O \#(format) \#(options) -m \#(workers) - \#(name)"#,
+          in: dir)
+        XCTAssertEqual(outcome.status, 0, "\(format) \(options) -m \(workers): \(outcome.stderr)")
+        let compare = try runProgram(qemuImg, ["compare", "-f", "raw", "-F", format, "src.img", name], in: dir)
+        XCTAssertEqual(compare.status, 0, "\(format) \(options) -m \(workers): \(compare.stdout)\(compare.stderr)")
+        outputs.append(dir.appendingPathComponent(name).path)
+      }
+      XCTAssertEqual(try runProgram("/usr/bin/cmp", outputs).status, 0, "\(format) \(options): -m 1 and -m 8 differ")
+      if format == "raw" {
+        XCTAssertLessThanOrEqual(allocatedBytes(outputs[0]), dataBytes + 4 * 4096, "the holes stay holes")
+      } else {
+        // qemu-img map: only clusters that hold data are allocated in the output.
+        let map = try runProgram(qemuImg, ["map", "--output=json", outputs[0]], in: dir)
+        let extents = try parseJSON(map.stdout) as? [[String: Any]] ?? []
+        let stored = extents.filter { ($0["data"] as? Bool) == true }.reduce(Int64(0)) {
+          $0 + (($1["length"] as? NSNumber)?.int64Value ?? 0)
+        }
+        XCTAssertGreaterThan(stored, 0, "\(options): \(map.stdout)")
+        XCTAssertLessThanOrEqual(stored, dataBytes + 5 * 65536, "\(options): the holes stay holes")
+      }
+      for output in outputs { try FileManager.default.removeItem(atPath: output) }
+    }
+  }
+
   func testStreamSizeIsCloseToTheDataSize() throws {
     let dir = try temporaryDirectory(self)
     let src = dir.appendingPathComponent("src.img").path

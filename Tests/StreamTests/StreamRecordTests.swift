@@ -39,6 +39,32 @@ final class StreamRecordTests: XCTestCase {
     }
   }
 
+  /// Data pieces folded in any order, with the zeros between them never touched, give the
+  /// CRC-32 zlib computes over the whole disk in order.
+  func testScatteredPiecesGiveTheDiskChecksum() {
+    let size = 1 << 20 | 777
+    var disk = [UInt8](repeating: 0, count: size)
+    let pieces: [Range<Int>] = [0..<1, 4096..<70_000, 300_000..<300_001, 512_000..<600_000, size - 5000..<size]
+    for (index, piece) in pieces.enumerated() {
+      disk.replaceSubrange(piece, with: patternBytes(piece.count, seed: UInt64(40 + index)))
+    }
+    let direct = disk.withUnsafeBytes { UInt32(crc32_z(0, $0.baseAddress!.assumingMemoryBound(to: Bytef.self), $0.count)) }
+    for order in [Array(pieces.indices), pieces.indices.reversed(), [2, 4, 0, 3, 1]] {
+      let scattered = ScatteredDiskChecksum(diskSize: Int64(size))
+      for index in order {
+        disk.withUnsafeBytes { bytes in
+          scattered.add(UnsafeRawBufferPointer(rebasing: bytes[pieces[index]]), at: Int64(pieces[index].lowerBound))
+        }
+      }
+      XCTAssertEqual(scattered.value, direct, "order \(order)")
+      XCTAssertEqual(scattered.dataBytes, Int64(pieces.reduce(0) { $0 + $1.count }))
+    }
+    XCTAssertEqual(ScatteredDiskChecksum(diskSize: 0).value, 0, "the CRC-32 of nothing")
+    var zeros = DiskChecksum()
+    zeros.updateZeros(Int64(size))
+    XCTAssertEqual(ScatteredDiskChecksum(diskSize: Int64(size)).value, zeros.value, "a disk of zeros")
+  }
+
   /// Folding zeros in arithmetically gives what zlib computes over real zero bytes.
   func testZeroRunsFoldIntoTheChecksum() {
     let data = patternBytes(10_000, seed: 3)

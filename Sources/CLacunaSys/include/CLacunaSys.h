@@ -32,6 +32,10 @@ int lacuna_clone_range(int dest_fd, int64_t dest_offset, int source_fd, int64_t 
 int64_t lacuna_file_system_type(int fd);
 /// copy_file_range(2) of up to `length` bytes; returns the bytes copied, or -1 and errno.
 int64_t lacuna_copy_range(int dest_fd, int64_t dest_offset, int source_fd, int64_t source_offset, int64_t length);
+/// When `fd` is a pipe holding less than `size` bytes, asks for `size` (F_SETPIPE_SZ):
+/// fewer, larger reads and fewer switches between writer and reader. Returns the capacity,
+/// or -1 when `fd` is not a pipe or the kernel refuses (over /proc/sys/fs/pipe-max-size).
+int lacuna_grow_pipe(int fd, int size);
 /// Makes a block device range (512-byte aligned) read as zeros: ioctl BLKZEROOUT.
 int lacuna_zero_device_range(int fd, int64_t offset, int64_t length);
 
