@@ -101,6 +101,8 @@ public final class Converter {
   let input: ConversionInput
   let writer: ImageWriter
   let options: ConvertOptions
+  /// The source files mapped for zero detection, while a conversion runs.
+  private var mappings: [FileMapping?] = []
 
   public init(input: ConversionInput, writer: ImageWriter, options: ConvertOptions = ConvertOptions()) {
     self.input = input
@@ -216,6 +218,7 @@ public final class Converter {
   /// On any error, `writer.abandon()`.
   @discardableResult
   public func run() throws -> ConvertStatistics {
+    defer { mappings = [] }
     do {
       var statistics = try convert()
       if case .sequential(let reader) = input {
@@ -226,6 +229,9 @@ public final class Converter {
       return statistics
     } catch {
       writer.abandon()
+      // A mapped source that shrank under us makes reads, copies and clones fail in ways
+      // that name the output; the cause is the source.
+      if let truncation = mappings.lazy.compactMap({ $0?.truncation() }).first { throw truncation }
       throw error
     }
   }
@@ -262,6 +268,7 @@ public final class Converter {
     let mappings: [FileMapping?] =
       mapSources && copying!.copies(in: options.copyMode)
       ? (chain?.layers.map { $0.plainHostFile.flatMap { FileMapping(file: $0) } } ?? []) : []
+    self.mappings = mappings
     let pipeline = OrderedPipeline<Job, FilledUnit>(
       threads: options.threads, capacity: options.threads * 4
     ) { [writer] job in
@@ -641,9 +648,13 @@ public final class Converter {
           // zeros where it lies in the page cache (mapped), not copied out first: only
           // the blocks the writer cannot clone are ever copied.
           if let host = segment.hostOffset, let file = chain!.layers[depth].plainHostFile {
-            let mapped = depth < mappings.count ? mappings[depth]?.bytes(host..<host + Int64(slice.count)) : nil
-            if let mapped {
-              for piece in zeroRuns(mapped, at: segment.range.lowerBound, blockSize: sparseSize) {
+            let scanned =
+              depth < mappings.count
+              ? try mappings[depth]?.zeroRuns(
+                host..<host + Int64(slice.count), at: segment.range.lowerBound, blockSize: sparseSize) : nil
+            let mapped = scanned?.bytes
+            if let scanned {
+              for piece in scanned.runs {
                 runs.append(Run(range: piece.range, kind: piece.isZero ? .zero : .data, scanned: true))
               }
             } else {
