@@ -202,10 +202,11 @@ public final class KernelCopier {
       destination.descriptor, pending.destination.lowerBound, pending.source.descriptor, pending.sourceOffset, count)
       != 0
     {
+      let code = errno
       throw ImageError.system(
         path: destination.path,
         operation: "share \(count) bytes at \(pending.destination.lowerBound) with \(pending.source.path) at \(pending.sourceOffset)",
-        errno: errno)
+        errno: code)
     }
   }
 }
