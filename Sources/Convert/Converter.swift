@@ -196,6 +196,9 @@ public final class Converter {
     /// Where the unit's data lies plainly in source files, in disk order (only when the
     /// writer can take it from there).
     var hostPieces: [HostPiece] = []
+    /// The whole unit's bytes where they lie mapped from one source file, for a writer
+    /// that prepares units (`fill`'s `wholeUnit`); nil when they are in `buffer`.
+    var mappedUnit: UnsafeRawBufferPointer?
     /// What a `PreparingImageWriter` made of the unit on the worker thread.
     var prepared: AnyObject?
 
@@ -261,23 +264,26 @@ public final class Converter {
     let copying = writer as? CopyingImageWriter
     let copyingPreparer = writer as? CopyingPreparingImageWriter
     let copyMode = options.copyMode
-    // A writer that prepares units needs their bytes in the buffer; only one that writes
-    // from them directly lets the workers check mapped source bytes instead.
-    let mapSources = copying != nil && !(writer is PreparingImageWriter) && options.copyMode != .rw
+    // Workers check the data a writer may take by the kernel where it lies mapped. A
+    // writer that prepares units reads them as one buffer: it gets the mapping itself
+    // for units whose data lies in one source file at one shift (`wholeUnitMapping`).
+    let mapSources =
+      options.copyMode != .rw
+      && ((copying?.copies(in: copyMode) ?? false) || (copyingPreparer?.copies(in: copyMode) ?? false))
+    let preparing = writer is PreparingImageWriter
     // One mapping per layer file, made once; kept (so the pointers stay valid) until the end.
     let mappings: [FileMapping?] =
-      mapSources && copying!.copies(in: options.copyMode)
-      ? (chain?.layers.map { $0.plainHostFile.flatMap { FileMapping(file: $0) } } ?? []) : []
+      mapSources ? (chain?.layers.map { $0.plainHostFile.flatMap { FileMapping(file: $0) } } ?? []) : []
     self.mappings = mappings
     let pipeline = OrderedPipeline<Job, FilledUnit>(
       threads: options.threads, capacity: options.threads * 4
     ) { [writer] job in
       let filled = try Converter.fill(
         job, chain: chain, sparseSize: sparseSize, pool: pool, base: base, granularity: granularity,
-        mappings: mappings)
+        mappings: mappings, wholeUnit: preparing)
       if let preparing = writer as? PreparingImageWriter {
         filled.prepared = try preparing.prepare(
-          UnsafeRawBufferPointer(rebasing: filled.buffer[0..<filled.length]), at: filled.start,
+          filled.mappedUnit ?? UnsafeRawBufferPointer(rebasing: filled.buffer[0..<filled.length]), at: filled.start,
           dataRanges: filled.runs.filter { $0.kind == .data }.map(\.range))
       }
       return filled
@@ -621,13 +627,22 @@ public final class Converter {
   /// A worker's job: read a unit's data segments (or take them from the job's buffer),
   /// then split them into data and zero runs at `sparseSize` blocks aligned to the disk.
   /// Segments known to be zero are not read.
+  /// With `wholeUnit` (the writer reads the unit as one buffer), mapped data is used only
+  /// when all of the unit's data lies in one mapped file at one shift: the mapping then
+  /// stands for the whole unit (`FilledUnit.mappedUnit`); otherwise everything is read.
   static func fill(
     _ job: Job, chain: Chain?, sparseSize: Int, pool: BufferPool, base: Chain? = nil, granularity: Int64 = 1,
-    mappings: [FileMapping?] = []
+    mappings: [FileMapping?] = [], wholeUnit: Bool = false
   ) throws -> FilledUnit {
     let segments = job.segments
     let start = segments.first!.range.lowerBound
     let end = segments.last!.range.upperBound
+    var mappings = mappings
+    var mappedUnit: UnsafeRawBufferPointer?
+    if wholeUnit && !mappings.isEmpty {
+      mappedUnit = wholeUnitMapping(segments, mappings: mappings)
+      if mappedUnit == nil { mappings = [] }
+    }
     let buffer = job.buffer ?? pool.take(Int(end - start))
     var runs: [Run] = []
     var bytesRead: Int64 = 0
@@ -698,7 +713,32 @@ public final class Converter {
       start: start, buffer: buffer, length: Int(end - start), pool: pool, runs: runs.merged(), bytesRead: bytesRead)
     filled.filledBytes = filledBytes
     filled.hostPieces = hostPieces
+    filled.mappedUnit = mappedUnit
     return filled
+  }
+
+  /// The mapped bytes that hold the whole unit `segments` covers, when every data
+  /// segment lies in the same layer's mapped file at the same shift from the disk (a raw
+  /// source; a qcow2 whose clusters lie in order) and the rest is zeros or backing, which
+  /// the writer does not read. Nil otherwise.
+  static func wholeUnitMapping(_ segments: [Segment], mappings: [FileMapping?]) -> UnsafeRawBufferPointer? {
+    var layer: Int?
+    var shift: Int64?
+    for segment in segments {
+      switch segment.source {
+      case .zero, .backing: continue
+      case .layer(let depth):
+        guard let host = segment.hostOffset, layer == nil || layer == depth,
+          shift == nil || shift == host - segment.range.lowerBound
+        else { return nil }
+        layer = depth
+        shift = host - segment.range.lowerBound
+      default: return nil
+      }
+    }
+    guard let layer, let shift, layer < mappings.count, let mapping = mappings[layer] else { return nil }
+    let start = segments.first!.range.lowerBound + shift
+    return mapping.window(start..<segments.last!.range.upperBound + shift)
   }
 }
 

@@ -263,6 +263,13 @@ public final class FileMapping: @unchecked Sendable {
     return (mapped, runs)
   }
 
+  /// The bytes of `range` of the file (inside it), not read in advance: a view for a
+  /// writer that reads only some of them; nil outside the mapping.
+  public func window(_ range: Range<Int64>) -> UnsafeRawBufferPointer? {
+    guard range.lowerBound >= 0, range.upperBound <= Int64(length), !range.isEmpty else { return nil }
+    return UnsafeRawBufferPointer(start: base + Int(range.lowerBound), count: range.count)
+  }
+
   /// The bytes of `range` of the file (inside it), their page tables filled in one call
   /// (MADV_POPULATE_READ, where the kernel has it) rather than fault by fault.
   public func bytes(_ range: Range<Int64>) -> UnsafeRawBufferPointer? {

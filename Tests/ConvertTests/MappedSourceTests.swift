@@ -41,6 +41,34 @@ final class MappedSourceTests: XCTestCase {
     XCTAssertEqual(zeros.withUnsafeBytes { zeroRuns($0, at: 0, blockSize: 4096) }.map(\.isZero), [true])
   }
 
+  /// A writer that prepares units reads each as one buffer: the mapping stands for the
+  /// unit only when all its data lies in one mapped file at one shift from the disk.
+  func testWholeUnitMappingNeedsOneFileAtOneShift() throws {
+    let directory = try temporaryDirectory(self)
+    let path = directory.appendingPathComponent("src.raw").path
+    try makeDataFile(path, size: 1 << 20)
+    let mapping = try XCTUnwrap(FileMapping(file: ImageFile.openForReading(path)))
+    typealias Segment = Converter.Segment
+    let k = Int64(64 << 10)
+    let plain: [Segment] = [
+      Segment(range: 0..<k, source: .layer(0), hostOffset: 4096), Segment(range: k..<2 * k, source: .zero),
+      Segment(range: 2 * k..<3 * k, source: .layer(0), hostOffset: 2 * k + 4096),
+    ]
+    let whole = try XCTUnwrap(Converter.wholeUnitMapping(plain, mappings: [mapping]))
+    XCTAssertEqual(whole.count, Int(3 * k))
+    XCTAssertEqual(whole.baseAddress, mapping.window(4096..<3 * k + 4096)?.baseAddress)
+    var moved = plain
+    moved[2].hostOffset = 5 * k
+    XCTAssertNil(Converter.wholeUnitMapping(moved, mappings: [mapping]), "two shifts")
+    var filled = plain
+    filled[1].source = .zeroFilled
+    XCTAssertNil(Converter.wholeUnitMapping(filled, mappings: [mapping]), "zeros written as data are not in the file")
+    XCTAssertNil(Converter.wholeUnitMapping(plain, mappings: [nil]), "no mapping")
+    var past = plain
+    past[2] = Segment(range: 2 * k..<(1 << 20), source: .layer(0), hostOffset: 2 * k + 4096)
+    XCTAssertNil(Converter.wholeUnitMapping(past, mappings: [mapping]), "past the end of the file")
+  }
+
   /// The whole engine: the source shrinks to nothing after the first unit is written,
   /// while later units are still to be scanned through the mapping (`--copy-mode=copy`
   /// maps the source on any file system).
