@@ -404,6 +404,7 @@ public final class QCOW2Writer: CopyingPreparingImageWriter {
   }
 
   public func finish() throws {
+    try copier?.flush()
     if settings.preallocation == .metadata { try preallocateAll() }
     try flushTables(endingBy: Int64.max)
     try writeMetadata()

@@ -80,7 +80,10 @@ public final class RawWriter: CopyingImageWriter {
     // Otherwise the file is new: it already reads as zeros where it was not written.
   }
 
-  public func finish() throws { try target.commit() }
+  public func finish() throws {
+    try copier?.flush()
+    try target.commit()
+  }
 
   public func abandon() { target.abandon() }
 }

@@ -8,6 +8,7 @@
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/vfs.h>
+#include <setjmp.h>
 #include <signal.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -96,6 +97,67 @@ int lacuna_is_zero(const void *buffer, size_t length) {
     if (p[i]) return 0;
   if (length <= 16) return 1;
   return memcmp(p, p + 16, length - 16) == 0;
+}
+
+// Where a SIGBUS inside lacuna_zero_prefix returns to, per thread; NULL outside it.
+static __thread sigjmp_buf *volatile fault_return;
+static struct sigaction previous_bus_action;
+static pthread_once_t bus_handler_once = PTHREAD_ONCE_INIT;
+
+static void on_bus_error(int sig, siginfo_t *info, void *context) {
+  sigjmp_buf *target = fault_return;
+  if (target) {
+    fault_return = NULL;
+    siglongjmp(*target, 1);
+  }
+  // Not a guarded read: the previous disposition takes the fault when the instruction
+  // runs again (a signal sent by kill is sent again).
+  sigaction(SIGBUS, &previous_bus_action, NULL);
+  if (info == NULL || info->si_code <= 0) raise(sig);
+  (void)context;
+}
+
+static void install_bus_handler(void) {
+  struct sigaction action;
+  memset(&action, 0, sizeof action);
+  action.sa_sigaction = on_bus_error;
+  // NODEFER: the jump out of the handler leaves SIGBUS unblocked without sigsetjmp
+  // saving the signal mask (a system call) on every guarded scan.
+  action.sa_flags = SA_SIGINFO | SA_NODEFER;
+  sigemptyset(&action.sa_mask);
+  sigaction(SIGBUS, &action, &previous_bus_action);
+}
+
+void lacuna_guard_mapped_reads(void) { pthread_once(&bus_handler_once, install_bus_handler); }
+
+static int block_is_zero(const unsigned char *p, size_t length) {
+  size_t head = length < 16 ? length : 16;
+  for (size_t i = 0; i < head; i++)
+    if (p[i]) return 0;
+  if (length <= 16) return 1;
+  return memcmp(p, p + 16, length - 16) == 0;
+}
+
+int64_t lacuna_zero_prefix(const void *buffer, size_t length, size_t first, size_t block, int *zero) {
+  const unsigned char *p = buffer;
+  if (length == 0) return 0;
+  if (first == 0 || first > length) first = length;
+  sigjmp_buf here;
+  if (sigsetjmp(here, 0)) return -1;
+  fault_return = &here;
+  int kind = block_is_zero(p, first);
+  size_t position = first;
+  while (position < length) {
+    size_t size = length - position < block ? length - position : block;
+    // Data blocks are decided by their first bytes: fetching the next blocks' first lines
+    // early overlaps the cache (and TLB) misses that otherwise come one after another.
+    if (!kind && position + 8 * block < length) __builtin_prefetch(p + position + 8 * block);
+    if (block_is_zero(p + position, size) != kind) break;
+    position += size;
+  }
+  fault_return = NULL;
+  *zero = kind;
+  return (int64_t)position;
 }
 
 #define CLEANUP_SLOTS 64

@@ -101,6 +101,8 @@ public final class Converter {
   let input: ConversionInput
   let writer: ImageWriter
   let options: ConvertOptions
+  /// The source files mapped for zero detection, while a conversion runs.
+  private var mappings: [FileMapping?] = []
 
   public init(input: ConversionInput, writer: ImageWriter, options: ConvertOptions = ConvertOptions()) {
     self.input = input
@@ -219,6 +221,7 @@ public final class Converter {
   /// On any error, `writer.abandon()`.
   @discardableResult
   public func run() throws -> ConvertStatistics {
+    defer { mappings = [] }
     do {
       var statistics = try convert()
       if case .sequential(let reader) = input {
@@ -229,6 +232,9 @@ public final class Converter {
       return statistics
     } catch {
       writer.abandon()
+      // A mapped source that shrank under us makes reads, copies and clones fail in ways
+      // that name the output; the cause is the source.
+      if let truncation = mappings.lazy.compactMap({ $0?.truncation() }).first { throw truncation }
       throw error
     }
   }
@@ -261,17 +267,17 @@ public final class Converter {
     let copying = writer as? CopyingImageWriter
     let copyingPreparer = writer as? CopyingPreparingImageWriter
     let copyMode = options.copyMode
-    // Data the writer may take from a source file by the kernel is checked for zeros where
-    // it lies mapped, not read into a buffer: the kernel's copy is then the only copy of
-    // each byte. A writer that prepares units gets the whole unit's bytes in one piece,
-    // which the mapping gives only when all its data lies in one file at one shift
-    // (`fill` reads the unit otherwise).
-    let writerCopies =
-      options.copyMode != .rw && (copying?.copies(in: copyMode) ?? copyingPreparer?.copies(in: copyMode) ?? false)
+    // Workers check the data a writer may take by the kernel where it lies mapped. A
+    // writer that prepares units reads them as one buffer: it gets the mapping itself
+    // for units whose data lies in one source file at one shift (`wholeUnitMapping`).
+    let mapSources =
+      options.copyMode != .rw
+      && ((copying?.copies(in: copyMode) ?? false) || (copyingPreparer?.copies(in: copyMode) ?? false))
     let preparing = writer is PreparingImageWriter
     // One mapping per layer file, made once; kept (so the pointers stay valid) until the end.
     let mappings: [FileMapping?] =
-      writerCopies ? (chain?.layers.map { $0.plainHostFile.flatMap { FileMapping(file: $0) } } ?? []) : []
+      mapSources ? (chain?.layers.map { $0.plainHostFile.flatMap { FileMapping(file: $0) } } ?? []) : []
+    self.mappings = mappings
     // A sequential source's own check of its data (the stream's checksum) runs on the
     // workers with the zero scan, so the thread that reads the source only moves bytes.
     var checkReceived: ((UnsafeRawBufferPointer, Int64) -> Void)?
@@ -641,6 +647,9 @@ public final class Converter {
   /// A worker's job: read a unit's data segments (or take them from the job's buffer, and
   /// hand received bytes to `checkReceived`), then split them into data and zero runs at
   /// `sparseSize` blocks aligned to the disk. Segments known to be zero are not read.
+  /// With `wholeUnit` (the writer reads the unit as one buffer), mapped data is used only
+  /// when all of the unit's data lies in one mapped file at one shift: the mapping then
+  /// stands for the whole unit (`FilledUnit.mappedUnit`); otherwise everything is read.
   static func fill(
     _ job: Job, chain: Chain?, sparseSize: Int, pool: BufferPool, base: Chain? = nil, granularity: Int64 = 1,
     mappings: [FileMapping?] = [], wholeUnit: Bool = false,
@@ -649,24 +658,13 @@ public final class Converter {
     let segments = job.segments
     let start = segments.first!.range.lowerBound
     let end = segments.last!.range.upperBound
-    let buffer = job.buffer ?? pool.take(Int(end - start))
-    // A writer that takes the unit in one piece can have it mapped only when all its data
-    // lies in one layer's file at one shift from the disk (a raw source: at the same offsets).
-    var mappedUnit: UnsafeRawBufferPointer?
     var mappings = mappings
-    if wholeUnit, !mappings.isEmpty {
-      let data = segments.filter { $0.source.hasData }
-      if case .layer(let depth)? = data.first?.source, depth < mappings.count, let mapping = mappings[depth],
-        let first = data.first?.hostOffset
-      {
-        let shift = first - data.first!.range.lowerBound
-        let oneFile = data.allSatisfy { segment in
-          segment.source == .layer(depth) && segment.hostOffset.map { $0 - segment.range.lowerBound == shift } == true
-        }
-        mappedUnit = oneFile ? mapping.view(start + shift..<end + shift) : nil
-      }
+    var mappedUnit: UnsafeRawBufferPointer?
+    if wholeUnit && !mappings.isEmpty {
+      mappedUnit = wholeUnitMapping(segments, mappings: mappings)
       if mappedUnit == nil { mappings = [] }
     }
+    let buffer = job.buffer ?? pool.take(Int(end - start))
     var runs: [Run] = []
     var bytesRead: Int64 = 0
     var filledBytes: Int64 = 0
@@ -686,9 +684,13 @@ public final class Converter {
           // zeros where it lies in the page cache (mapped), not copied out first: only
           // the blocks the writer cannot clone are ever copied.
           if let host = segment.hostOffset, let file = chain!.layers[depth].plainHostFile {
-            let mapped = depth < mappings.count ? mappings[depth]?.bytes(host..<host + Int64(slice.count)) : nil
-            if let mapped {
-              for piece in zeroRuns(mapped, at: segment.range.lowerBound, blockSize: sparseSize) {
+            let scanned =
+              depth < mappings.count
+              ? try mappings[depth]?.zeroRuns(
+                host..<host + Int64(slice.count), at: segment.range.lowerBound, blockSize: sparseSize) : nil
+            let mapped = scanned?.bytes
+            if let scanned {
+              for piece in scanned.runs {
                 runs.append(Run(range: piece.range, kind: piece.isZero ? .zero : .data, scanned: true))
               }
             } else {
@@ -735,6 +737,30 @@ public final class Converter {
     filled.hostPieces = hostPieces
     filled.mappedUnit = mappedUnit
     return filled
+  }
+
+  /// The mapped bytes that hold the whole unit `segments` covers, when every data
+  /// segment lies in the same layer's mapped file at the same shift from the disk (a raw
+  /// source; a qcow2 whose clusters lie in order) and the rest is zeros or backing, which
+  /// the writer does not read. Nil otherwise.
+  static func wholeUnitMapping(_ segments: [Segment], mappings: [FileMapping?]) -> UnsafeRawBufferPointer? {
+    var layer: Int?
+    var shift: Int64?
+    for segment in segments {
+      switch segment.source {
+      case .zero, .backing: continue
+      case .layer(let depth):
+        guard let host = segment.hostOffset, layer == nil || layer == depth,
+          shift == nil || shift == host - segment.range.lowerBound
+        else { return nil }
+        layer = depth
+        shift = host - segment.range.lowerBound
+      default: return nil
+      }
+    }
+    guard let layer, let shift, layer < mappings.count, let mapping = mappings[layer] else { return nil }
+    let start = segments.first!.range.lowerBound + shift
+    return mapping.window(start..<segments.last!.range.upperBound + shift)
   }
 }
 

@@ -80,6 +80,13 @@ public final class KernelCopier {
   private let blockSize: Int64
   private var canClone = true
   private var canCopy = true
+  /// Set once a clone worked: the file system shares extents between these files.
+  private var hasCloned = false
+  /// A clone waiting to be joined by the next one. The engine hands data unit by unit;
+  /// one FICLONERANGE per contiguous run instead of one per unit saves a file-system
+  /// transaction at every unit boundary. Only clones after the first wait: the first one
+  /// finds out at once whether the file system can share at all.
+  private var pendingClone: (destination: Range<Int64>, source: ImageFile, sourceOffset: Int64)?
 
   public init(destination: ImageFile) {
     self.destination = destination
@@ -153,7 +160,20 @@ public final class KernelCopier {
         if mode == .auto { try copy() } else { try writePart(offset..<offset + count) }
         break
       }
-      if lacuna_clone_range(destination.descriptor, head, source.file.descriptor, head + shift, tail - head) == 0 {
+      if hasCloned {
+        if let pending = pendingClone, pending.destination.upperBound == head, pending.source === source.file,
+          pending.sourceOffset + Int64(pending.destination.count) == head + shift
+        {
+          pendingClone = (pending.destination.lowerBound..<tail, pending.source, pending.sourceOffset)
+        } else {
+          try flush()
+          pendingClone = (head..<tail, source.file, head + shift)
+        }
+        tally.cloned += tail - head
+        try writePart(offset..<head)
+        try writePart(tail..<offset + count)
+      } else if lacuna_clone_range(destination.descriptor, head, source.file.descriptor, head + shift, tail - head) == 0 {
+        hasCloned = true
         tally.cloned += tail - head
         try writePart(offset..<head)
         try writePart(tail..<offset + count)
@@ -177,23 +197,85 @@ public final class KernelCopier {
     }
     return tally
   }
+
+  /// Makes the clone still waiting to be joined. Writers call it before their metadata
+  /// is final and the output is synced. A refusal now is an error like any other: the
+  /// file system shared extents between these files before (a source truncated under
+  /// the conversion gives EINVAL here).
+  public func flush() throws {
+    guard let pending = pendingClone else { return }
+    pendingClone = nil
+    let count = Int64(pending.destination.count)
+    if lacuna_clone_range(
+      destination.descriptor, pending.destination.lowerBound, pending.source.descriptor, pending.sourceOffset, count)
+      != 0
+    {
+      let code = errno
+      throw ImageError.system(
+        path: destination.path,
+        operation: "share \(count) bytes at \(pending.destination.lowerBound) with \(pending.source.path) at \(pending.sourceOffset)",
+        errno: code)
+    }
+  }
 }
 
 /// A read-only mapping of a whole file, unmapped when released. The engine checks data it
 /// may clone for zeros here, in the page cache, instead of copying it out with pread: one
 /// mapping per source file for the whole conversion, so no mmap/munmap per unit. Nil for
 /// an empty file or where mmap fails (the caller reads instead). A file truncated under
-/// the conversion would fault (SIGBUS) where a read would fail.
+/// the conversion faults (SIGBUS) where a read would fail: `zeroRuns` catches that fault
+/// and throws, and the kernel refuses to copy from (EFAULT) or clone past the lost pages.
 public final class FileMapping: @unchecked Sendable {
   private let base: UnsafeMutableRawPointer
   public let length: Int
+  private let path: String
+  private let descriptor: Int32
+  /// Kept open for `truncation`.
+  private let file: ImageFile
 
   public init?(file: ImageFile) {
     guard let size = try? file.size(), size > 0, let length = Int(exactly: size) else { return nil }
+    lacuna_guard_mapped_reads()
     guard let pointer = mmap(nil, length, PROT_READ, MAP_SHARED, file.descriptor, 0), pointer != MAP_FAILED
     else { return nil }
     base = pointer
     self.length = length
+    path = file.path
+    descriptor = file.descriptor
+    self.file = file
+  }
+
+  /// The error to report when the file is now shorter than when it was mapped (another
+  /// process truncated it): reads of the lost pages fault, the kernel's copies from them
+  /// fail with EFAULT and clones with EINVAL, all of which say less than this. Nil when
+  /// the file is as long as before.
+  public func truncation() -> ImageError? {
+    var info = stat()
+    guard fstat(descriptor, &info) == 0, info.st_size < length else { return nil }
+    return .invalid(
+      path: path, "the file shrank from \(length) to \(info.st_size) bytes during the conversion (another process truncated it)")
+  }
+
+  /// The bytes of `range` of the file, which hold the virtual-disk range starting at
+  /// `offset`, split into zero and data runs as `zeroRuns` does; nil when `range` is not
+  /// inside the mapping. Throws when the file lost the pages under us (truncated by
+  /// another process), where reading them would otherwise kill the process.
+  public func zeroRuns(
+    _ range: Range<Int64>, at offset: Int64, blockSize: Int
+  ) throws -> (bytes: UnsafeRawBufferPointer, runs: [(range: Range<Int64>, isZero: Bool)])? {
+    guard let mapped = bytes(range) else { return nil }
+    guard let runs = guardedZeroRuns(mapped, at: offset, blockSize: blockSize) else {
+      throw truncation()
+        ?? .system(path: path, operation: "read \(range.count) bytes at \(hex(range.lowerBound)) (mapped)", errno: EIO)
+    }
+    return (mapped, runs)
+  }
+
+  /// The bytes of `range` of the file (inside it), not read in advance: a view for a
+  /// writer that reads only some of them; nil outside the mapping.
+  public func window(_ range: Range<Int64>) -> UnsafeRawBufferPointer? {
+    guard range.lowerBound >= 0, range.upperBound <= Int64(length), !range.isEmpty else { return nil }
+    return UnsafeRawBufferPointer(start: base + Int(range.lowerBound), count: range.count)
   }
 
   /// The bytes of `range` of the file (inside it), their page tables filled in one call
@@ -203,13 +285,6 @@ public final class FileMapping: @unchecked Sendable {
     let page = Int64(4096)
     let start = range.lowerBound / page * page
     _ = madvise(base + Int(start), Int(range.upperBound - start), 22 /* MADV_POPULATE_READ */)
-    return UnsafeRawBufferPointer(start: base + Int(range.lowerBound), count: range.count)
-  }
-
-  /// The bytes of `range` of the file (inside it), their page tables left to fill on first
-  /// touch: for a caller that touches only parts of them (populated with `bytes(_:)`).
-  public func view(_ range: Range<Int64>) -> UnsafeRawBufferPointer? {
-    guard range.lowerBound >= 0, range.upperBound <= Int64(length), !range.isEmpty else { return nil }
     return UnsafeRawBufferPointer(start: base + Int(range.lowerBound), count: range.count)
   }
 

@@ -17,23 +17,31 @@ public func isAllZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
 public func zeroRuns(
   _ bytes: UnsafeRawBufferPointer, at offset: Int64, blockSize: Int
 ) -> [(range: Range<Int64>, isZero: Bool)] {
+  guard let runs = guardedZeroRuns(bytes, at: offset, blockSize: blockSize) else {
+    fatalError("reading a buffer at \(offset) faulted")
+  }
+  return runs
+}
+
+/// `zeroRuns`, or nil when reading `bytes` faulted: a mapped file truncated under us
+/// (`FileMapping`). The blocks are judged in C, one call per run rather than per block.
+func guardedZeroRuns(
+  _ bytes: UnsafeRawBufferPointer, at offset: Int64, blockSize: Int
+) -> [(range: Range<Int64>, isZero: Bool)]? {
   let end = offset + Int64(bytes.count)
-  guard bytes.count > 0 else { return [] }
+  guard let base = bytes.baseAddress, bytes.count > 0 else { return [] }
   guard blockSize > 0 else { return [(offset..<end, false)] }
   var runs: [(range: Range<Int64>, isZero: Bool)] = []
   var position = offset
   let block = Int64(blockSize)
   while position < end {
-    let blockEnd = nextBoundary(after: position, step: block, limit: end)
-    let slice = UnsafeRawBufferPointer(
-      rebasing: bytes[Int(position - offset)..<Int(blockEnd - offset)])
-    let zero = isAllZero(slice)
-    if let last = runs.last, last.isZero == zero {
-      runs[runs.count - 1].range = last.range.lowerBound..<blockEnd
-    } else {
-      runs.append((position..<blockEnd, zero))
-    }
-    position = blockEnd
+    let first = nextBoundary(after: position, step: block, limit: end) - position
+    var zero: Int32 = 0
+    let length = lacuna_zero_prefix(
+      base + Int(position - offset), Int(end - position), Int(first), blockSize, &zero)
+    guard length > 0 else { return nil }
+    runs.append((position..<position + length, zero != 0))
+    position += length
   }
   return runs
 }

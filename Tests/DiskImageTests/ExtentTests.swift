@@ -68,6 +68,39 @@ final class ExtentTests: XCTestCase {
     XCTAssertEqual(runs.map(\.isZero), [true, false, true])
   }
 
+  /// The runs found a run at a time (in C) against a block-by-block reference, on a buffer
+  /// that starts and ends inside blocks, with the non-zero byte of a data block at its
+  /// first byte, its last, or in between.
+  func testZeroRunsAgreeWithABlockByBlockScan() {
+    let block = 4096
+    var bytes = [UInt8](repeating: 0, count: 40 * block + 123)
+    let offset: Int64 = 1000
+    var seed: UInt64 = 12345
+    for index in 0..<40 where index % 3 != 1 && index % 7 != 3 {
+      seed = seed &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+      let blockStart = index * block - Int(offset % Int64(block))
+      let position = blockStart + [0, block - 1, Int(seed >> 33) % block][index % 3]
+      if position >= 0 && position < bytes.count { bytes[position] = UInt8(truncatingIfNeeded: seed >> 56) | 1 }
+    }
+    var expected: [(range: Range<Int64>, isZero: Bool)] = []
+    var position = offset
+    let end = offset + Int64(bytes.count)
+    while position < end {
+      let next = nextBoundary(after: position, step: Int64(block), limit: end)
+      let zero = bytes[Int(position - offset)..<Int(next - offset)].allSatisfy { $0 == 0 }
+      if let last = expected.last, last.isZero == zero {
+        expected[expected.count - 1].range = last.range.lowerBound..<next
+      } else {
+        expected.append((position..<next, zero))
+      }
+      position = next
+    }
+    let runs = bytes.withUnsafeBytes { zeroRuns($0, at: offset, blockSize: block) }
+    XCTAssertGreaterThan(expected.count, 10)
+    XCTAssertEqual(runs.map(\.range), expected.map(\.range))
+    XCTAssertEqual(runs.map(\.isZero), expected.map(\.isZero))
+  }
+
   func testZeroRunsWithBlockSizeZeroIsAllData() {
     let bytes = [UInt8](repeating: 0, count: 8192)
     let runs = bytes.withUnsafeBytes { zeroRuns($0, at: 0, blockSize: 0) }

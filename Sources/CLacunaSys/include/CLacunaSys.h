@@ -48,6 +48,18 @@ void lacuna_byte_histogram(const void *buffer, size_t length, uint64_t *counts);
 /// True when all `length` bytes at `buffer` are zero (vectorised by the compiler and libc).
 int lacuna_is_zero(const void *buffer, size_t length);
 
+/// The length of the longest prefix of `buffer` made of blocks that are all zero, or all
+/// not zero, like its first block: the first block is `first` bytes (at most `length`),
+/// the next ones `block` bytes, the last may be short. `*zero` says which kind the prefix
+/// is. A block found non-zero costs reading up to its first non-zero byte, so data blocks
+/// cost about one cache line each. Returns -1 when reading faulted (SIGBUS: a mapped file
+/// was truncated) and `lacuna_guard_mapped_reads` was called before.
+int64_t lacuna_zero_prefix(const void *buffer, size_t length, size_t first, size_t block, int *zero);
+
+/// Installs (once) the SIGBUS handler that turns a fault inside `lacuna_zero_prefix` into
+/// its -1 return; other SIGBUS faults go to the disposition that was there before.
+void lacuna_guard_mapped_reads(void);
+
 /// Around the final rename: signals that arrive in between are deferred; after a rename
 /// that succeeded they are dropped (the output is complete and in place), after one that
 /// failed they take effect, temporary files removed.
