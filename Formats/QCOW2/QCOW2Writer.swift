@@ -337,6 +337,8 @@ public final class QCOW2Writer: CopyingPreparingImageWriter {
 
   public func copies(in mode: CopyMode) -> Bool { copier?.copies(in: mode) ?? false }
 
+  public func writesMappedBytes(in mode: CopyMode) -> Bool { copier?.writesMappedBytes(in: mode) ?? false }
+
   /// `commit` for an uncompressed unit whose data lies (partly) in plain source files: those
   /// parts go to their host clusters by the kernel (cloned where the file system shares
   /// extents: host clusters and source blocks are both cluster- or block-aligned), in runs

@@ -57,6 +57,8 @@ public final class RawWriter: CopyingImageWriter {
 
   public func copies(in mode: CopyMode) -> Bool { copier?.copies(in: mode) ?? false }
 
+  public func writesMappedBytes(in mode: CopyMode) -> Bool { copier?.writesMappedBytes(in: mode) ?? false }
+
   public func write(
     _ bytes: UnsafeRawBufferPointer, at offset: Int64, from source: HostBytes, mode: CopyMode
   ) throws -> CopyTally {

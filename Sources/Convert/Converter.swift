@@ -51,6 +51,9 @@ public struct ConvertStatistics: Equatable {
   public var bytesCloned: Int64 = 0
   /// Of `bytesWritten`: bytes the kernel copied from the source (copy_file_range).
   public var bytesCopied: Int64 = 0
+  /// Of `bytesWritten`: written from the source's page cache, where the engine checked
+  /// them mapped (`--copy-mode=auto` on ext4 and tmpfs).
+  public var bytesFromPageCache: Int64 = 0
   /// Bytes read that turned out to be zero blocks and were not written.
   public var zeroBytesSkipped: Int64 = 0
   /// Bytes the map said were holes or zeros: never read.
@@ -202,6 +205,13 @@ public final class Converter {
     /// (only its data ranges are valid there), when `fill` was asked for the whole unit.
     var mappedUnit: UnsafeRawBufferPointer?
 
+    /// Drops the page tables of the source pages the unit's check mapped: they stay in the
+    /// page cache, but resident memory stays the buffers' rather than growing with the
+    /// source. A page touched again (a write that falls back to the bytes) faults back in.
+    func releaseMapped() {
+      for piece in hostPieces { if let mapped = piece.mapped { FileMapping.release(mapped) } }
+    }
+
     init(
       start: Int64, buffer: UnsafeMutableRawBufferPointer, length: Int, pool: BufferPool, runs: [Run],
       bytesRead: Int64
@@ -274,6 +284,11 @@ public final class Converter {
       options.copyMode != .rw
       && ((copying?.copies(in: copyMode) ?? false) || (copyingPreparer?.copies(in: copyMode) ?? false))
     let preparing = writer is PreparingImageWriter
+    // Where the writer stores the checked bytes from the mapping itself, their pages stay
+    // mapped until it has (dropped after the unit is written); else the workers drop them.
+    let keepMapped =
+      mapSources
+      && ((copying?.writesMappedBytes(in: copyMode) ?? false) || (copyingPreparer?.writesMappedBytes(in: copyMode) ?? false))
     // One mapping per layer file, made once; kept (so the pointers stay valid) until the end.
     let mappings: [FileMapping?] =
       mapSources ? (chain?.layers.map { $0.plainHostFile.flatMap { FileMapping(file: $0) } } ?? []) : []
@@ -296,10 +311,10 @@ public final class Converter {
           filled.mappedUnit ?? UnsafeRawBufferPointer(rebasing: filled.buffer[0..<filled.length]), at: filled.start,
           dataRanges: filled.runs.filter { $0.kind == .data }.map(\.range))
       }
-      // The kernel copies from the file, not from the mapping: its pages leave the page
-      // tables now, so resident memory stays the buffers', not the units' in flight too. A
-      // write that must fall back to the bytes faults them back in.
-      for piece in filled.hostPieces { if let mapped = piece.mapped { FileMapping.release(mapped) } }
+      // The kernel copies or clones from the file, not from the mapping: its pages leave
+      // the page tables now, so resident memory stays the buffers', not the units' in
+      // flight too.
+      if !keepMapped { filled.releaseMapped() }
       return filled
     }
     defer {
@@ -363,6 +378,7 @@ public final class Converter {
               mode: copyMode)
             statistics.bytesCloned += tally.cloned
             statistics.bytesCopied += tally.copied
+            statistics.bytesFromPageCache += tally.fromPageCache
             position = part.upperBound
           }
           if position < run.range.upperBound {
@@ -390,12 +406,29 @@ public final class Converter {
             prepared, sources: pieces.map { ($0.range, $0.bytes) }, mode: copyMode)
           statistics.bytesCloned += tally.cloned
           statistics.bytesCopied += tally.copied
+          statistics.bytesFromPageCache += tally.fromPageCache
         } else {
           try (writer as! PreparingImageWriter).commit(prepared)
         }
       }
       options.progress?(done, total)
       if options.isCancelled?() == true { throw ConversionCancelled() }
+    }
+
+    // Written pages leave the page tables in runs of up to 8 MiB, not unit by unit: each
+    // call interrupts the workers' processors to flush their TLBs.
+    var released: (start: UnsafeRawPointer, end: UnsafeRawPointer)?
+    func release(_ mapped: UnsafeRawBufferPointer) {
+      guard let start = mapped.baseAddress else { return }
+      if let open = released, open.end == start, open.end - open.start < 8 << 20 {
+        released!.end = start + mapped.count
+        return
+      }
+      if let open = released { FileMapping.release(UnsafeRawBufferPointer(start: open.start, count: open.end - open.start)) }
+      released = (start, start + mapped.count)
+    }
+    defer {
+      if let open = released { FileMapping.release(UnsafeRawBufferPointer(start: open.start, count: open.end - open.start)) }
     }
 
     func drainOne() throws {
@@ -408,6 +441,7 @@ public final class Converter {
         statistics.bytesRead += filled.bytesRead
         statistics.holeBytesWritten += filled.filledBytes
         try writeRuns(filled.runs, from: filled)
+        if keepMapped { for piece in filled.hostPieces { if let mapped = piece.mapped { release(mapped) } } }
       }
       if waitingHead > 1024 && waitingHead * 2 > waiting.count {
         waiting.removeFirst(waitingHead)
@@ -436,25 +470,35 @@ public final class Converter {
 
     switch input {
     case .chain(let chain):
-      var windowStart: Int64 = 0
-      while windowStart < total {
-        let windowEnd = window.range(from: windowStart, to: total).upperBound
-        let segments: [Segment]
-        switch options.backing {
-        case .compared(let base):
-          segments = try Converter.comparePlan(
+      if case .compared(let base) = options.backing {
+        var windowStart: Int64 = 0
+        while windowStart < total {
+          let windowEnd = window.range(from: windowStart, to: total).upperBound
+          let segments = try Converter.comparePlan(
             source: chain, base: base, range: windowStart..<windowEnd, granularity: granularity)
-        case .chainLayer(let depth):
-          segments = Converter.plan(
-            try chain.extents(in: windowStart..<windowEnd, stopDepth: depth), writeZeroBlocks: sparseSize == 0,
-            hostFiles: hostFiles())
-        case .none:
-          segments = Converter.plan(
-            try chain.extents(in: windowStart..<windowEnd), writeZeroBlocks: sparseSize == 0, hostFiles: hostFiles())
+          window.adjust(after: segments.count)
+          for item in Converter.items(segments, unit: unit, granularity: granularity) { try enqueue(item) }
+          windowStart = windowEnd
         }
-        window.adjust(after: segments.count)
+        break
+      }
+      // The map of each window is read on a thread of its own, a few windows ahead; this
+      // thread plans and writes.
+      let stopDepth: Int? = if case .chainLayer(let depth) = options.backing { depth } else { nil }
+      var windowStart: Int64 = 0
+      var window = window
+      let maps = Prefetcher<[LayeredExtent]>(depth: 4) {
+        guard windowStart < total else { return nil }
+        let range = window.range(from: windowStart, to: total)
+        let extents = try chain.extents(in: range, stopDepth: stopDepth)
+        window.adjust(after: extents.count)
+        windowStart = range.upperBound
+        return extents
+      }
+      defer { maps.stop() }
+      while let extents = try maps.take() {
+        let segments = Converter.plan(extents, writeZeroBlocks: sparseSize == 0, hostFiles: hostFiles())
         for item in Converter.items(segments, unit: unit, granularity: granularity) { try enqueue(item) }
-        windowStart = windowEnd
       }
     case .sequential(let reader):
       try Converter.takePieces(

@@ -37,7 +37,7 @@ struct ConvertCommand: ParsableCommand {
       block is read and checked first). --copy-mode=auto (the default) clones where the \
       file system can and writes otherwise; clone insists (an error where it cannot); \
       copy uses copy_file_range; rw always writes the bytes read. --summary says how \
-      many bytes were cloned and copied.
+      many bytes were cloned, copied, and written from the source's page cache.
         lacuna convert --copy-mode=clone -O raw /xfs/disk.img /xfs/copy.img
       """)
 
@@ -216,9 +216,11 @@ struct ConvertCommand: ParsableCommand {
       printError(
         "converted \(source) to \(destination): \(statistics.virtualSize) bytes virtual, "
           + "\(statistics.bytesRead) read, \(statistics.bytesWritten) written"
-          + (statistics.bytesCloned + statistics.bytesCopied > 0
+          + (statistics.bytesCloned + statistics.bytesCopied + statistics.bytesFromPageCache > 0
             ? " (\(statistics.bytesCloned) cloned, \(statistics.bytesCopied) copied by the kernel, "
-              + "\(statistics.bytesWritten - statistics.bytesCloned - statistics.bytesCopied) written from memory)" : "")
+              + "\(statistics.bytesFromPageCache) from the source's page cache, "
+              + "\(statistics.bytesWritten - statistics.bytesCloned - statistics.bytesCopied - statistics.bytesFromPageCache) written from memory)"
+            : "")
           + ", "
           + "\(statistics.holeBytes) skipped as holes, \(statistics.zeroBytesSkipped) as zero blocks, "
           + (statistics.backingBytes > 0 ? "\(statistics.backingBytes) left to the backing file, " : "")
