@@ -16,10 +16,12 @@ public func readAll(_ reader: ImageReader, chunk: Int = 1 << 20) throws -> [UInt
   return bytes
 }
 
-/// Asserts `body` throws an ImageError whose one-line description contains `expected`.
+/// Asserts `body` throws an ImageError whose one-line description contains `expected`;
+/// returns that description (nil when there was none) for further checks.
+@discardableResult
 public func assertImageError(
   _ expected: String, file: StaticString = #filePath, line: UInt = #line, _ body: () throws -> Void
-) {
+) -> String? {
   do {
     try body()
     XCTFail("expected an error containing '\(expected)', got none", file: file, line: line)
@@ -27,7 +29,9 @@ public func assertImageError(
     let text = error.description
     XCTAssertFalse(text.contains("\n"), "multi-line message: \(text)", file: file, line: line)
     XCTAssertTrue(text.contains(expected), "'\(text)' does not contain '\(expected)'", file: file, line: line)
+    return text
   } catch {
     XCTFail("expected ImageError, got \(type(of: error)): \(error)", file: file, line: line)
   }
+  return nil
 }

@@ -243,15 +243,7 @@ final class VHDReaderTests: XCTestCase {
 /// Asserts `body` throws a one-line ImageError naming bad.vhd or test.vhd and containing
 /// `expected`.
 func assertVHDError(_ expected: String, file: StaticString = #filePath, line: UInt = #line, _ body: () throws -> Void) {
-  do {
-    try body()
-    XCTFail("expected an error containing '\(expected)', got none", file: file, line: line)
-  } catch let error as ImageError {
-    let text = error.description
-    XCTAssertFalse(text.contains("\n"), "multi-line message: \(text)", file: file, line: line)
+  if let text = assertImageError(expected, file: file, line: line, body) {
     XCTAssertTrue(text.hasPrefix("bad.vhd: ") || text.hasPrefix("test.vhd: "), text, file: file, line: line)
-    XCTAssertTrue(text.contains(expected), "'\(text)' does not contain '\(expected)'", file: file, line: line)
-  } catch {
-    XCTFail("expected ImageError, got \(error)", file: file, line: line)
   }
 }
