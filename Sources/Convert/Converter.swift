@@ -157,6 +157,8 @@ public final class Converter {
     /// The piece's bytes where they lie mapped from the source file (read there, not
     /// copied into the unit's buffer), or nil when they are in the buffer.
     var mapped: UnsafeRawBufferPointer?
+    /// The mapping `mapped` lies in.
+    var mapping: FileMapping?
   }
 
   /// One step for the writer, in disk order: runs to pass on as they are, or a unit whose
@@ -209,7 +211,7 @@ public final class Converter {
     /// page cache, but resident memory stays the buffers' rather than growing with the
     /// source. A page touched again (a write that falls back to the bytes) faults back in.
     func releaseMapped() {
-      for piece in hostPieces { if let mapped = piece.mapped { FileMapping.release(mapped) } }
+      for piece in hostPieces { if let mapped = piece.mapped { piece.mapping?.release(mapped) } }
     }
 
     init(
@@ -417,19 +419,23 @@ public final class Converter {
 
     // Written pages leave the page tables in runs of up to 8 MiB, not unit by unit: each
     // call interrupts the workers' processors to flush their TLBs.
-    var released: (start: UnsafeRawPointer, end: UnsafeRawPointer)?
-    func release(_ mapped: UnsafeRawBufferPointer) {
-      guard let start = mapped.baseAddress else { return }
-      if let open = released, open.end == start, open.end - open.start < 8 << 20 {
+    var released: (mapping: FileMapping, start: UnsafeRawPointer, end: UnsafeRawPointer)?
+    func releaseOpenRun() {
+      if let open = released {
+        open.mapping.release(UnsafeRawBufferPointer(start: open.start, count: open.end - open.start))
+      }
+      released = nil
+    }
+    func release(_ piece: HostPiece) {
+      guard let mapped = piece.mapped, let mapping = piece.mapping, let start = mapped.baseAddress else { return }
+      if let open = released, open.mapping === mapping, open.end == start, open.end - open.start < 8 << 20 {
         released!.end = start + mapped.count
         return
       }
-      if let open = released { FileMapping.release(UnsafeRawBufferPointer(start: open.start, count: open.end - open.start)) }
-      released = (start, start + mapped.count)
+      releaseOpenRun()
+      released = (mapping, start, start + mapped.count)
     }
-    defer {
-      if let open = released { FileMapping.release(UnsafeRawBufferPointer(start: open.start, count: open.end - open.start)) }
-    }
+    defer { releaseOpenRun() }
 
     func drainOne() throws {
       let item = waiting[waitingHead]
@@ -441,7 +447,7 @@ public final class Converter {
         statistics.bytesRead += filled.bytesRead
         statistics.holeBytesWritten += filled.filledBytes
         try writeRuns(filled.runs, from: filled)
-        if keepMapped { for piece in filled.hostPieces { if let mapped = piece.mapped { release(mapped) } } }
+        if keepMapped { for piece in filled.hostPieces { release(piece) } }
       }
       if waitingHead > 1024 && waitingHead * 2 > waiting.count {
         waiting.removeFirst(waitingHead)
@@ -742,7 +748,10 @@ public final class Converter {
               scan(slice, at: segment.range.lowerBound)
             }
             bytesRead += Int64(slice.count)
-            hostPieces.append(HostPiece(range: segment.range, bytes: HostBytes(file: file, offset: host), mapped: mapped))
+            hostPieces.append(
+              HostPiece(
+                range: segment.range, bytes: HostBytes(file: file, offset: host), mapped: mapped,
+                mapping: mapped == nil ? nil : mappings[depth]))
             break
           }
           try chain!.layers[depth].read(into: slice, at: segment.range.lowerBound)

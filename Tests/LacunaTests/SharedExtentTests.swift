@@ -70,10 +70,12 @@ final class SharedExtentTests: QemuTestCase {
     return ["ext2/ext3", "ext4", "tmpfs"].contains(outcome.stdout.trimmingCharacters(in: .whitespacesAndNewlines))
   }
 
-  func assertSameAndSparse(_ source: String, _ output: String, file: StaticString = #filePath, line: UInt = #line) throws {
+  func assertSameAndSparse(
+    _ source: String, _ output: String, data: Int = 10 << 20, file: StaticString = #filePath, line: UInt = #line
+  ) throws {
     XCTAssertEqual(try qemuImg("compare", "-f", "raw", "-F", "raw", source, output).status, 0, file: file, line: line)
-    // The zero MiB inside the data and the gaps are holes: 10 MiB of data, no more.
-    XCTAssertEqual(dataRanges(output).reduce(0) { $0 + $1.count }, 10 << 20, "\(dataRanges(output))", file: file, line: line)
+    // The zero MiB inside the data and the gaps are holes: 10 MiB of data (`makeSource`), no more.
+    XCTAssertEqual(dataRanges(output).reduce(0) { $0 + $1.count }, data, "\(dataRanges(output))", file: file, line: line)
   }
 
   func sharedExtents(_ file: String) throws -> Int {
@@ -226,5 +228,21 @@ final class SharedExtentTests: QemuTestCase {
       XCTAssertEqual(data, 256 << 20, format)
       try FileManager.default.removeItem(atPath: output)
     }
+  }
+
+  /// Checking a mapped page maps its cached neighbours too (the kernel's fault-around, in
+  /// aligned 64 KiB blocks); they must leave the page tables with it. A fragmented source
+  /// whose holes are cached (read once): 4 KiB of data every 256 KiB of a 1 GiB disk kept
+  /// 270 MiB resident when only the data pages were dropped.
+  func testCachedNeighboursOfSmallExtentsAreDroppedToo() throws {
+    let source = path("fragmented.raw")
+    let block = patternBytes(4096, seed: 12)
+    try makeSparseFile(source, size: 1 << 30, pieces: (0..<4096).map { (Int64($0) * (256 << 10), block) })
+    XCTAssertEqual(try runProgram("/bin/sh", ["-c", "cat '\(source)' > /dev/null"]).status, 0)
+    let output = path("fragmented-out.raw")
+    let (outcome, peak) = try lacunaMeasuringMemory(["convert", "-t", "unsafe", "-f", "raw", "-O", "raw", source, output])
+    XCTAssertEqual(outcome.status, 0, outcome.stderr)
+    XCTAssertLessThan(peak, 64 << 10, "peak \(peak) KiB")
+    try assertSameAndSparse(source, output, data: 4096 << 12)
   }
 }
