@@ -476,34 +476,44 @@ public final class Converter {
 
     switch input {
     case .chain(let chain):
-      if case .compared(let base) = options.backing {
-        var windowStart: Int64 = 0
-        while windowStart < total {
-          let windowEnd = window.range(from: windowStart, to: total).upperBound
-          let segments = try Converter.comparePlan(
-            source: chain, base: base, range: windowStart..<windowEnd, granularity: granularity)
-          window.adjust(after: segments.count)
-          for item in Converter.items(segments, unit: unit, granularity: granularity) { try enqueue(item) }
-          windowStart = windowEnd
-        }
-        break
-      }
       // The map of each window is read on a thread of its own, a few windows ahead; this
-      // thread plans and writes.
-      let stopDepth: Int? = if case .chainLayer(let depth) = options.backing { depth } else { nil }
+      // thread plans (which layers' files the writer may still take data from is its
+      // writer's to say) and writes. A foreign backing file's comparison plan needs only
+      // the two maps: it is made there whole.
+      enum Mapped {
+        case extents([LayeredExtent])
+        case compared([Segment])
+      }
       var windowStart: Int64 = 0
       var window = window
-      let maps = Prefetcher<[LayeredExtent]>(depth: 4) {
+      let backing = options.backing
+      let maps = Prefetcher<Mapped>(depth: 4) {
         guard windowStart < total else { return nil }
         let range = window.range(from: windowStart, to: total)
-        let extents = try chain.extents(in: range, stopDepth: stopDepth)
-        window.adjust(after: extents.count)
         windowStart = range.upperBound
-        return extents
+        switch backing {
+        case .compared(let base):
+          let segments = try Converter.comparePlan(source: chain, base: base, range: range, granularity: granularity)
+          window.adjust(after: segments.count)
+          return .compared(segments)
+        case .chainLayer(let depth):
+          let extents = try chain.extents(in: range, stopDepth: depth)
+          window.adjust(after: extents.count)
+          return .extents(extents)
+        case .none:
+          let extents = try chain.extents(in: range)
+          window.adjust(after: extents.count)
+          return .extents(extents)
+        }
       }
       defer { maps.stop() }
-      while let extents = try maps.take() {
-        let segments = Converter.plan(extents, writeZeroBlocks: sparseSize == 0, hostFiles: hostFiles())
+      while let mapped = try maps.take() {
+        let segments: [Segment]
+        switch mapped {
+        case .compared(let planned): segments = planned
+        case .extents(let extents):
+          segments = Converter.plan(extents, writeZeroBlocks: sparseSize == 0, hostFiles: hostFiles())
+        }
         for item in Converter.items(segments, unit: unit, granularity: granularity) { try enqueue(item) }
       }
     case .sequential(let reader):
