@@ -371,7 +371,7 @@ public final class QCOW2Writer: CopyingPreparingImageWriter {
         guard let run = pending else { return }
         tally += try copier.write(
           bytes(run.virtual..<run.virtual + run.count), at: run.host,
-          from: HostBytes(file: source.file, offset: source.offset + run.virtual - range.lowerBound), mode: mode)
+          from: source.advanced(by: run.virtual - range.lowerBound), mode: mode)
         pending = nil
       }
       var position = range.lowerBound
@@ -396,7 +396,7 @@ public final class QCOW2Writer: CopyingPreparingImageWriter {
         let part = max(source.range.lowerBound, position)..<min(source.range.upperBound, range.upperBound)
         if part.lowerBound > position { try writeData(bytes(position..<part.lowerBound), at: position) }
         try copy(
-          part, from: HostBytes(file: source.bytes.file, offset: source.bytes.offset + part.lowerBound - source.range.lowerBound))
+          part, from: source.bytes.advanced(by: part.lowerBound - source.range.lowerBound))
         position = part.upperBound
       }
       if position < range.upperBound { try writeData(bytes(position..<range.upperBound), at: position) }
@@ -414,6 +414,10 @@ public final class QCOW2Writer: CopyingPreparingImageWriter {
   }
 
   public func abandon() { output.abandon() }
+
+  /// Whether the copier made the file longer than the clusters written (`writeMetadata`
+  /// cuts it back).
+  var fileExtendedAhead: Bool { copier?.extendedAhead ?? false }
 
   // MARK: - Clusters and L2 entries
 

@@ -103,8 +103,10 @@ extension QCOW2Writer {
       refcountTableClusters: layout.refcountTableClusters)
     try header.withUnsafeBytes { try file.write($0, at: 0) }
     // The refcount blocks are the last clusters and are written whole, so the file already
-    // ends at `total` clusters; this only makes sure of it.
-    if try file.size() < total * size { try file.truncate(to: total * size) }
+    // ends at `total` clusters; this only makes sure of it. A file made longer ahead of
+    // direct writes (`KernelCopier.extendedAhead`) holds nothing past them: it is cut back.
+    let length = try file.size()
+    if length < total * size || (length > total * size && fileExtendedAhead) { try file.truncate(to: total * size) }
   }
 
   /// A refcount block in which every entry is 1. Entries narrower than a byte fill each byte

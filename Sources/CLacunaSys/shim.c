@@ -330,3 +330,53 @@ int lacuna_link_unnamed(int fd, const char *path) {
   // Without /proc, AT_EMPTY_PATH does the same (it needs CAP_DAC_READ_SEARCH).
   return linkat(fd, "", AT_FDCWD, path, AT_EMPTY_PATH);
 }
+
+#include <linux/aio_abi.h>
+#include <sys/syscall.h>
+#include <time.h>
+
+int lacuna_open_direct(int fd) {
+  char path[64];
+  snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+  return open(path, O_WRONLY | O_DIRECT | O_CLOEXEC);
+}
+
+int lacuna_aio_setup(int depth, uint64_t *context) {
+  aio_context_t ctx = 0;
+  if (syscall(SYS_io_setup, depth, &ctx) != 0) return -1;
+  *context = (uint64_t)ctx;
+  return 0;
+}
+
+int lacuna_aio_write(uint64_t context, int fd, const void *buffer, int64_t length, int64_t offset, uint64_t tag) {
+  struct iocb block;
+  memset(&block, 0, sizeof block);
+  block.aio_data = tag;
+  block.aio_lio_opcode = IOCB_CMD_PWRITE;
+  block.aio_fildes = (uint32_t)fd;
+  block.aio_buf = (uint64_t)(uintptr_t)buffer;
+  block.aio_nbytes = (uint64_t)length;
+  block.aio_offset = offset;
+  struct iocb *list[1] = {&block};
+  long n;
+  do { n = syscall(SYS_io_submit, (aio_context_t)context, 1, list); } while (n < 0 && errno == EINTR);
+  return n == 1 ? 0 : -1;
+}
+
+int lacuna_aio_reap(uint64_t context, int minimum, int maximum, uint64_t *tags, int64_t *results) {
+  struct io_event events[64];
+  if (maximum > 64) maximum = 64;
+  struct timespec none = {0, 0};
+  long n;
+  do {
+    n = syscall(SYS_io_getevents, (aio_context_t)context, minimum, maximum, events, minimum > 0 ? NULL : &none);
+  } while (n < 0 && errno == EINTR);
+  if (n < 0) return -1;
+  for (long i = 0; i < n; i++) {
+    tags[i] = events[i].data;
+    results[i] = events[i].res;
+  }
+  return (int)n;
+}
+
+void lacuna_aio_destroy(uint64_t context) { syscall(SYS_io_destroy, (aio_context_t)context); }

@@ -54,6 +54,8 @@ public struct ConvertStatistics: Equatable {
   /// Of `bytesWritten`: written from the source's page cache, where the engine checked
   /// them mapped (`--copy-mode=auto` on ext4 and tmpfs).
   public var bytesFromPageCache: Int64 = 0
+  /// Of `bytesFromPageCache`: sent to the disk from there without a copy (O_DIRECT, on ext4).
+  public var bytesDirect: Int64 = 0
   /// Bytes read that turned out to be zero blocks and were not written.
   public var zeroBytesSkipped: Int64 = 0
   /// Bytes the map said were holes or zeros: never read.
@@ -264,7 +266,7 @@ public final class Converter {
       let common = unit / gcd(unit, Int64(sparseSize)) * Int64(sparseSize)
       if common <= 32 << 20 { unit = common }
     }
-    var window = AdaptiveWindow(minimum: max(options.windowSize / unit, 1) * unit)
+    let window = AdaptiveWindow(minimum: max(options.windowSize / unit, 1) * unit)
 
     // Units in the pipeline, results waiting, and one per worker being filled. Four units
     // per worker may be in flight: results are taken in disk order, and with only two a
@@ -376,11 +378,12 @@ public final class Converter {
             }
             let tally = try copying.write(
               bytes(part), at: part.lowerBound,
-              from: HostBytes(file: piece.bytes.file, offset: piece.bytes.offset + part.lowerBound - piece.range.lowerBound),
+              from: piece.bytes.advanced(by: part.lowerBound - piece.range.lowerBound),
               mode: copyMode)
             statistics.bytesCloned += tally.cloned
             statistics.bytesCopied += tally.copied
             statistics.bytesFromPageCache += tally.fromPageCache
+            statistics.bytesDirect += tally.direct
             position = part.upperBound
           }
           if position < run.range.upperBound {
@@ -409,6 +412,7 @@ public final class Converter {
           statistics.bytesCloned += tally.cloned
           statistics.bytesCopied += tally.copied
           statistics.bytesFromPageCache += tally.fromPageCache
+          statistics.bytesDirect += tally.direct
         } else {
           try (writer as! PreparingImageWriter).commit(prepared)
         }
@@ -760,7 +764,8 @@ public final class Converter {
             bytesRead += Int64(slice.count)
             hostPieces.append(
               HostPiece(
-                range: segment.range, bytes: HostBytes(file: file, offset: host), mapped: mapped,
+                range: segment.range, bytes: HostBytes(file: file, offset: host, mapping: mapped == nil ? nil : mappings[depth]),
+                mapped: mapped,
                 mapping: mapped == nil ? nil : mappings[depth]))
             break
           }

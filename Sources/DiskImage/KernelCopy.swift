@@ -33,6 +33,8 @@ public struct CopyTally: Equatable, Sendable {
   public var copied: Int64 = 0
   /// Written from the source's pages where they lie mapped (`KernelCopier.writesMappedBytes`).
   public var fromPageCache: Int64 = 0
+  /// Of `fromPageCache`, the bytes sent to the disk from there without a copy (`DirectLane`).
+  public var direct: Int64 = 0
   /// Written from the bytes read.
   public var written: Int64 = 0
 
@@ -42,6 +44,7 @@ public struct CopyTally: Equatable, Sendable {
     a.cloned += b.cloned
     a.copied += b.copied
     a.fromPageCache += b.fromPageCache
+    a.direct += b.direct
     a.written += b.written
   }
 }
@@ -50,9 +53,18 @@ public struct CopyTally: Equatable, Sendable {
 public struct HostBytes {
   public let file: ImageFile
   public let offset: Int64
-  public init(file: ImageFile, offset: Int64) {
+  /// The engine's mapping of `file`, when it checked the bytes there: a writer may then
+  /// send them to the disk straight from it (`DirectLane`).
+  public let mapping: FileMapping?
+  public init(file: ImageFile, offset: Int64, mapping: FileMapping? = nil) {
     self.file = file
     self.offset = offset
+    self.mapping = mapping
+  }
+
+  /// The same file and mapping, `count` bytes further on.
+  public func advanced(by count: Int64) -> HostBytes {
+    HostBytes(file: file, offset: offset + count, mapping: mapping)
   }
 }
 
@@ -108,9 +120,22 @@ public final class KernelCopier {
     blockSize = fstatvfs(destination.descriptor, &info) == 0 && info.f_bsize > 0 ? Int64(info.f_bsize) : 4096
     // File systems known never to share extents: auto does not even try, it copies by the
     // kernel from the start.
-    neverShares = Self.neverShares.contains(lacuna_file_system_type(destination.descriptor))
+    let type = lacuna_file_system_type(destination.descriptor)
+    neverShares = Self.neverShares.contains(type)
     canClone = !neverShares
+    directLane = type == 0xEF53 ? DirectLane(destination: destination) : nil
   }
+
+  /// On ext4, checked bytes go to the disk straight from the source's page cache while
+  /// the writing thread copies others (`DirectLane`).
+  private let directLane: DirectLane?
+  /// At most the file's size: the size last seen or set.
+  private var knownSize: Int64 = -1
+  /// How far ahead of a direct write past its end the file is made longer.
+  private static let growth: Int64 = 64 << 20
+  /// Whether the file was made longer than the writer wrote, ahead of direct writes: the
+  /// writer then sets its final size.
+  public private(set) var extendedAhead = false
 
   /// In `auto` on a file system that never shares extents, the bytes the engine checked
   /// for zeros where they lie mapped (the source's page cache) are written from there: one
@@ -172,7 +197,7 @@ public final class KernelCopier {
     case .rw:
       try writePart(offset..<offset + count)
     case .auto where neverShares:
-      try destination.write(bytes, at: offset)
+      tally.direct += try writeFromPageCache(bytes, at: offset, from: source)
       tally.fromPageCache += count
     case .auto where !canClone:
       try copy()
@@ -222,11 +247,62 @@ public final class KernelCopier {
     return tally
   }
 
+  /// Writes checked bytes that lie mapped in the source's page cache: the aligned chunks
+  /// the direct lane has room for go to the disk from there, the rest is written through
+  /// the output's page cache. Returns the bytes sent direct.
+  private func writeFromPageCache(_ bytes: UnsafeRawBufferPointer, at offset: Int64, from source: HostBytes) throws -> Int64 {
+    let count = Int64(bytes.count)
+    let align = Int64(DirectLane.alignment)
+    let head = (offset + align - 1) / align * align
+    let tail = (offset + count) / align * align
+    guard let lane = directLane, lane.isOpen, tail - head >= align, (source.offset - offset) % align == 0,
+      let mapping = source.mapping
+    else {
+      try destination.write(bytes, at: offset)
+      return 0
+    }
+    // A direct write past the end of the file makes ext4 wait for it in io_submit (the
+    // size changes when it completes). A qcow2 output grows as its clusters are written:
+    // the file is made longer ahead of them, and the writer cuts it back at the end
+    // (`extendedAhead`).
+    if tail > knownSize {
+      knownSize = try destination.size()
+      if tail > knownSize {
+        knownSize = (tail + Self.growth) / Self.growth * Self.growth
+        try destination.truncate(to: knownSize)
+        extendedAhead = true
+      }
+    }
+    var direct: Int64 = 0
+    var position = head
+    var pending = offset  // written up to here, or waiting to be written buffered from here
+    func writeBuffered(upTo end: Int64) throws {
+      if end > pending {
+        try destination.write(
+          UnsafeRawBufferPointer(rebasing: bytes[Int(pending - offset)..<Int(end - offset)]), at: pending)
+      }
+      pending = end
+    }
+    while position < tail {
+      let end = min(position + Int64(DirectLane.chunk), tail)
+      let sourceRange = source.offset + position - offset..<source.offset + end - offset
+      if let window = mapping.window(sourceRange), try lane.send(window, at: position, fallback: destination) {
+        try writeBuffered(upTo: position)
+        pending = end
+        direct += end - position
+      }
+      position = end
+    }
+    try writeBuffered(upTo: offset + count)
+    return direct
+  }
+
   /// Makes the clone still waiting to be joined. Writers call it before their metadata
   /// is final and the output is synced. A refusal now is an error like any other: the
   /// file system shared extents between these files before (a source truncated under
   /// the conversion gives EINVAL here).
   public func flush() throws {
+    try directLane?.drain(fallback: destination)
     guard let pending = pendingClone else { return }
     pendingClone = nil
     let count = Int64(pending.destination.count)

@@ -37,7 +37,8 @@ struct ConvertCommand: ParsableCommand {
       block is read and checked first). --copy-mode=auto (the default) clones where the \
       file system can and writes otherwise; clone insists (an error where it cannot); \
       copy uses copy_file_range; rw always writes the bytes read. --summary says how \
-      many bytes were cloned, copied, and written from the source's page cache.
+      many bytes were cloned, copied, and written from the source's page cache (on ext4, \
+      part of them straight to the disk, O_DIRECT, while the rest is copied).
         lacuna convert --copy-mode=clone -O raw /xfs/disk.img /xfs/copy.img
       """)
 
@@ -218,7 +219,8 @@ struct ConvertCommand: ParsableCommand {
           + "\(statistics.bytesRead) read, \(statistics.bytesWritten) written"
           + (statistics.bytesCloned + statistics.bytesCopied + statistics.bytesFromPageCache > 0
             ? " (\(statistics.bytesCloned) cloned, \(statistics.bytesCopied) copied by the kernel, "
-              + "\(statistics.bytesFromPageCache) from the source's page cache, "
+              + "\(statistics.bytesFromPageCache) from the source's page cache"
+              + (statistics.bytesDirect > 0 ? " (\(statistics.bytesDirect) of them straight to the disk), " : ", ")
               + "\(statistics.bytesWritten - statistics.bytesCloned - statistics.bytesCopied - statistics.bytesFromPageCache) written from memory)"
             : "")
           + ", "

@@ -17,11 +17,13 @@ final class SharedExtentTests: QemuTestCase {
   /// unmounted (which frees the loop device) when the test ends, pass or fail.
   func mountScratch(_ kind: String) throws -> String {
     guard getuid() == 0 else { throw XCTSkip("making \(kind) in a loop file needs root") }
-    let mkfs = try requireProgram("mkfs.\(kind)", skipping: "mkfs.\(kind) is not installed (apt-get install \(kind == "xfs" ? "xfsprogs" : "btrfs-progs"))")
+    let package = ["xfs": "xfsprogs", "btrfs": "btrfs-progs"][kind] ?? "e2fsprogs"
+    let mkfs = try requireProgram("mkfs.\(kind)", skipping: "mkfs.\(kind) is not installed (apt-get install \(package))")
     let image = path("\(kind).fs")
     XCTAssertTrue(FileManager.default.createFile(atPath: image, contents: nil))
     XCTAssertEqual(truncate(image, 512 << 20), 0)
-    let made = try runProgram(mkfs, kind == "xfs" ? ["-q", "-m", "reflink=1", image] : ["-q", image])
+    let made = try runProgram(
+      mkfs, kind == "xfs" ? ["-q", "-m", "reflink=1", image] : kind == "ext4" ? ["-q", "-F", image] : ["-q", image])
     guard made.status == 0 else { throw XCTSkip("mkfs.\(kind) failed: \(made.stderr)") }
     let mountPoint = path("\(kind)-mnt")
     try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
@@ -203,6 +205,50 @@ final class SharedExtentTests: QemuTestCase {
       XCTAssertTrue(clone.stderr.contains("--copy-mode=clone needs"), clone.stderr)
       XCTAssertFalse(FileManager.default.fileExists(atPath: path("clone.raw")))
     }
+  }
+
+  /// On ext4, part of the data goes to the disk straight from the source's page cache
+  /// (O_DIRECT) while the writing thread copies the rest; the unaligned edges of a run are
+  /// always copied. Raw and qcow2 output (made longer ahead of the direct writes, then cut
+  /// back), with and without fsync, one thread or two: the same bytes and holes as
+  /// --copy-mode=rw, byte for byte, and a clean qcow2 image of the same size.
+  func testExt4SendsPartOfTheDataStraightToTheDisk() throws {
+    let mountPoint = try mountScratch("ext4")
+    var first = patternBytes(24 << 20, seed: 21)
+    for i in (5 << 20)..<(6 << 20) { first[i] = 0 }
+    // A run that starts and ends inside blocks: its edges cannot go direct.
+    let source = mountPoint + "/src.raw"
+    try makeSparseFile(
+      source, size: 96 << 20, pieces: [(1 << 20, first), ((40 << 20) + 1000, patternBytes(3 << 20, seed: 22))])
+    // The unaligned run's blocks are data: 4 KiB more than its bytes; 64 KiB more in qcow2's clusters.
+    let data = (23 << 20) + (3 << 20) + 4096
+    var sentDirect: [String: Int64] = [:]
+    for format in ["raw", "qcow2"] {
+      let reference = mountPoint + "/rw.\(format)"
+      let rw = try lacuna("convert", "--copy-mode=rw", "-f", "raw", "-O", format, source, reference)
+      XCTAssertEqual(rw.status, 0, rw.stderr)
+      for flags in [["-t", "unsafe"], [], ["-m", "1"]] {
+        let output = mountPoint + "/out.\(format)"
+        let outcome = try lacuna(["convert", "--summary"] + flags + ["-f", "raw", "-O", format, source, output])
+        XCTAssertEqual(outcome.status, 0, outcome.stderr)
+        XCTAssertEqual(summaryCounts(outcome.stderr).fromPageCache, Int64(data), outcome.stderr)
+        if let match = outcome.stderr.range(of: #"\((\d+) of them straight to the disk\)"#, options: .regularExpression) {
+          sentDirect[format, default: 0] += Int64(outcome.stderr[match].split(whereSeparator: { !$0.isNumber }).first!)!
+        }
+        XCTAssertEqual(try qemuImg("compare", "-f", "raw", "-F", format, source, output).status, 0, "\(format) \(flags)")
+        XCTAssertEqual(try runProgram("/usr/bin/cmp", [reference, output]).status, 0, "\(format) \(flags)")
+        let map = try QemuTools.mapEntries(try qemuImgOK("map", "--output=json", "-f", format, output))
+        XCTAssertEqual(map.filter(\.data).reduce(0) { $0 + $1.length }, Int64(format == "raw" ? data : (26 << 20) + (64 << 10)), "\(format) \(flags)")
+        if format == "qcow2" {
+          XCTAssertTrue(try qemuImg("check", output).stdout.contains("No errors were found"), "\(flags)")
+        } else {
+          XCTAssertEqual(dataRanges(output), dataRanges(reference), "\(flags)")
+        }
+        try FileManager.default.removeItem(atPath: output)
+      }
+    }
+    XCTAssertGreaterThan(sentDirect["raw"] ?? 0, 0, "raw output: some data went straight to the disk")
+    XCTAssertGreaterThan(sentDirect["qcow2"] ?? 0, 0, "qcow2 output: some data went straight to the disk")
   }
 
   /// Writing from the source's page cache keeps only the pages of the units in flight

@@ -32,6 +32,19 @@ int lacuna_clone_range(int dest_fd, int64_t dest_offset, int source_fd, int64_t 
 int64_t lacuna_file_system_type(int fd);
 /// copy_file_range(2) of up to `length` bytes; returns the bytes copied, or -1 and errno.
 int64_t lacuna_copy_range(int dest_fd, int64_t dest_offset, int source_fd, int64_t source_offset, int64_t length);
+/// Opens the file of `fd` again (/proc/self/fd), write-only with O_DIRECT: a description
+/// of its own, so the flag does not reach `fd`. -1 and errno on failure.
+int lacuna_open_direct(int fd);
+/// Kernel AIO (io_setup), for writes that bypass the page cache: 0, or -1 and errno.
+int lacuna_aio_setup(int depth, uint64_t *context);
+/// Submits one write of `length` bytes from `buffer` at `offset` of `fd`, tagged `tag`
+/// (io_submit): 0, or -1 and errno. The buffer's pages are pinned by then.
+int lacuna_aio_write(uint64_t context, int fd, const void *buffer, int64_t length, int64_t offset, uint64_t tag);
+/// Finished writes (io_getevents), waiting for at least `minimum` (0: none): their tags
+/// and results (bytes written, or -errno); returns how many (at most 64), or -1 and errno.
+int lacuna_aio_reap(uint64_t context, int minimum, int maximum, uint64_t *tags, int64_t *results);
+/// Ends the context, waiting for the writes still in flight (io_destroy).
+void lacuna_aio_destroy(uint64_t context);
 /// When `fd` is a pipe holding less than `size` bytes, asks for `size` (F_SETPIPE_SZ):
 /// fewer, larger reads and fewer switches between writer and reader. Returns the capacity,
 /// or -1 when `fd` is not a pipe or the kernel refuses (over /proc/sys/fs/pipe-max-size).
