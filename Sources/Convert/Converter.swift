@@ -304,9 +304,11 @@ public final class Converter {
       deferring.deferDataChecks()
       checkReceived = { deferring.checkData($0, at: $1) }
     }
+    let releaser = PageReleaser()
     let pipeline = OrderedPipeline<Job, FilledUnit>(
       threads: options.threads, capacity: options.threads * 4
     ) { [writer, checkReceived] job in
+      releaser.drain()
       let filled = try Converter.fill(
         job, chain: chain, sparseSize: sparseSize, pool: pool, base: base, granularity: granularity,
         mappings: mappings, wholeUnit: preparing, checkReceived: checkReceived)
@@ -422,11 +424,13 @@ public final class Converter {
     }
 
     // Written pages leave the page tables in runs of up to 8 MiB, not unit by unit: each
-    // call interrupts the workers' processors to flush their TLBs.
+    // call interrupts the workers' processors to flush their TLBs. The workers drop them,
+    // as they take their next unit: the writing thread, the one that limits a conversion
+    // where nothing can be shared, only notes them.
     var released: (mapping: FileMapping, start: UnsafeRawPointer, end: UnsafeRawPointer)?
     func releaseOpenRun() {
       if let open = released {
-        open.mapping.release(UnsafeRawBufferPointer(start: open.start, count: open.end - open.start))
+        releaser.post(open.mapping, UnsafeRawBufferPointer(start: open.start, count: open.end - open.start))
       }
       released = nil
     }
@@ -439,7 +443,10 @@ public final class Converter {
       releaseOpenRun()
       released = (mapping, start, start + mapped.count)
     }
-    defer { releaseOpenRun() }
+    defer {
+      releaseOpenRun()
+      releaser.drain()
+    }
 
     func drainOne() throws {
       let item = waiting[waitingHead]
@@ -833,3 +840,23 @@ public final class Converter {
 }
 
 private func gcd(_ a: Int64, _ b: Int64) -> Int64 { b == 0 ? a : gcd(b, a % b) }
+
+/// Mapped source pages the writing thread is done with, dropped from the page tables by
+/// whichever worker takes a unit next (`FileMapping.release`).
+final class PageReleaser: @unchecked Sendable {
+  private let lock = Lock()
+  private var pending: [(FileMapping, UnsafeRawBufferPointer)] = []
+
+  func post(_ mapping: FileMapping, _ bytes: UnsafeRawBufferPointer) {
+    lock.withLock { pending.append((mapping, bytes)) }
+  }
+
+  func drain() {
+    let taken = lock.withLock {
+      let all = pending
+      pending.removeAll(keepingCapacity: true)
+      return all
+    }
+    for (mapping, bytes) in taken { mapping.release(bytes) }
+  }
+}

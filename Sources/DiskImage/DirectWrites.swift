@@ -6,7 +6,7 @@ import CLacunaSys
 
 /// A second way for checked source bytes to reach an ext4 output, beside the writing
 /// thread's buffered writes: straight from the source's page cache to the disk (O_DIRECT,
-/// submitted by kernel AIO, so the writing thread does not wait for the disk).
+/// submitted through an io_uring, so the writing thread does not wait for the disk).
 ///
 /// A buffered write copies every byte into a new page of the output's page cache, and
 /// that copy is the whole cost of a conversion where nothing can be shared: 1 GiB takes
@@ -25,10 +25,11 @@ import CLacunaSys
 final class DirectLane {
   let path: String
   private let descriptor: Int32
-  private let context: UInt64
+  private let ring: OpaquePointer
   /// What is in flight, by tag: where it goes and the memory it comes from (still mapped,
-  /// to write again should the kernel refuse or write less).
-  private var inFlight: [UInt64: (offset: Int64, bytes: UnsafeRawBufferPointer)] = [:]
+  /// to write again should the kernel refuse or write less, and to drop from the page
+  /// tables once written).
+  private var inFlight: [UInt64: (offset: Int64, bytes: UnsafeRawBufferPointer, mapping: FileMapping)] = [:]
   private var bytesInFlight = 0
   private var nextTag: UInt64 = 0
   /// False once the file system refused a direct write: everything is written buffered.
@@ -43,34 +44,50 @@ final class DirectLane {
   /// The largest single direct write.
   static let chunk = 1 << 20
 
-  /// Nil where the file cannot be opened for direct I/O or kernel AIO is unavailable.
+  /// At most this many writes in flight (the ring's size).
+  static let slots = 32
+
+  /// Nil where the file cannot be opened for direct I/O or io_uring is unavailable
+  /// (`kernel.io_uring_disabled`).
   init?(destination: ImageFile) {
     let direct = lacuna_open_direct(destination.descriptor)
     guard direct >= 0 else { return nil }
-    var context: UInt64 = 0
-    guard lacuna_aio_setup(64, &context) == 0 else {
+    guard let ring = lacuna_ring_open(UInt32(Self.slots)) else {
       Glibc.close(direct)
       return nil
     }
     path = destination.path
     descriptor = direct
-    self.context = context
+    self.ring = ring
   }
 
   deinit {
-    lacuna_aio_destroy(context)
+    // After a failure: the writes still in flight finish before the ring and the file go.
+    var tags = [UInt64](repeating: 0, count: Self.slots)
+    var results = [Int64](repeating: 0, count: Self.slots)
+    var left = inFlight.count
+    while left > 0 {
+      let n = lacuna_ring_reap(ring, 1, Int32(Self.slots), &tags, &results)
+      if n <= 0 { break }
+      left -= Int(n)
+    }
+    lacuna_ring_close(ring)
     Glibc.close(descriptor)
   }
 
   /// Sends `bytes` (mapped memory, aligned, at most `chunk`) to `offset` when there is room
   /// in flight; false when there is not (the caller writes them itself).
-  func send(_ bytes: UnsafeRawBufferPointer, at offset: Int64, fallback: ImageFile) throws -> Bool {
+  func send(
+    _ bytes: UnsafeRawBufferPointer, from mapping: FileMapping, at offset: Int64, fallback: ImageFile
+  ) throws -> Bool {
     guard isOpen else { return false }
-    if bytesInFlight + bytes.count > Self.limit { try reap(waiting: false, fallback: fallback) }
-    guard isOpen, bytesInFlight + bytes.count <= Self.limit else { return false }
+    if bytesInFlight + bytes.count > Self.limit || inFlight.count == Self.slots {
+      try reap(waiting: false, fallback: fallback)
+    }
+    guard isOpen, bytesInFlight + bytes.count <= Self.limit, inFlight.count < Self.slots else { return false }
     let tag = nextTag
     nextTag &+= 1
-    if lacuna_aio_write(context, descriptor, bytes.baseAddress, Int64(bytes.count), offset, tag) != 0 {
+    if lacuna_ring_write(ring, descriptor, bytes.baseAddress, UInt32(bytes.count), offset, tag) != 0 {
       let code = errno
       if code == EAGAIN { return false }
       if Self.isRefusal(code) {
@@ -79,7 +96,7 @@ final class DirectLane {
       }
       throw ImageError.system(path: path, operation: "write \(bytes.count) bytes at \(hex(offset)) (direct)", errno: code)
     }
-    inFlight[tag] = (offset, bytes)
+    inFlight[tag] = (offset, bytes, mapping)
     bytesInFlight += bytes.count
     return true
   }
@@ -96,9 +113,9 @@ final class DirectLane {
   /// Takes the finished writes (waiting for one when `waiting`). A refusal turns the lane
   /// off and a short write is finished: both by writing the bytes through `fallback`.
   private func reap(waiting: Bool, fallback: ImageFile) throws {
-    var tags = [UInt64](repeating: 0, count: 64)
-    var results = [Int64](repeating: 0, count: 64)
-    let n = lacuna_aio_reap(context, waiting ? 1 : 0, 64, &tags, &results)
+    var tags = [UInt64](repeating: 0, count: Self.slots)
+    var results = [Int64](repeating: 0, count: Self.slots)
+    let n = lacuna_ring_reap(ring, waiting ? 1 : 0, Int32(Self.slots), &tags, &results)
     guard n >= 0 else {
       throw ImageError.system(path: path, operation: "wait for direct writes", errno: errno)
     }
@@ -106,6 +123,9 @@ final class DirectLane {
     for i in 0..<Int(n) {
       guard let write = inFlight.removeValue(forKey: tags[i]) else { continue }
       bytesInFlight -= write.bytes.count
+      // A write the ring handed to a kernel worker pins its pages only then, faulting
+      // back in any the engine had dropped since: they are dropped again now.
+      defer { write.mapping.release(write.bytes) }
       let result = results[i]
       if result == Int64(write.bytes.count) { continue }
       if result >= 0 || Self.isRefusal(Int32(-result)) {

@@ -123,12 +123,14 @@ public final class KernelCopier {
     let type = lacuna_file_system_type(destination.descriptor)
     neverShares = Self.neverShares.contains(type)
     canClone = !neverShares
-    directLane = type == 0xEF53 ? DirectLane(destination: destination) : nil
+    mayWriteDirect = type == 0xEF53
   }
 
   /// On ext4, checked bytes go to the disk straight from the source's page cache while
-  /// the writing thread copies others (`DirectLane`).
-  private let directLane: DirectLane?
+  /// the writing thread copies others (`DirectLane`), made for the first chunk that can go.
+  private let mayWriteDirect: Bool
+  private var directLane: DirectLane?
+  private var triedDirectLane = false
   /// At most the file's size: the size last seen or set.
   private var knownSize: Int64 = -1
   /// How far ahead of a direct write past its end the file is made longer.
@@ -255,6 +257,10 @@ public final class KernelCopier {
     let align = Int64(DirectLane.alignment)
     let head = (offset + align - 1) / align * align
     let tail = (offset + count) / align * align
+    if mayWriteDirect && !triedDirectLane && tail - head >= align && source.mapping != nil {
+      triedDirectLane = true
+      directLane = DirectLane(destination: destination)
+    }
     guard let lane = directLane, lane.isOpen, tail - head >= align, (source.offset - offset) % align == 0,
       let mapping = source.mapping
     else {
@@ -286,7 +292,7 @@ public final class KernelCopier {
     while position < tail {
       let end = min(position + Int64(DirectLane.chunk), tail)
       let sourceRange = source.offset + position - offset..<source.offset + end - offset
-      if let window = mapping.window(sourceRange), try lane.send(window, at: position, fallback: destination) {
+      if let window = mapping.window(sourceRange), try lane.send(window, from: mapping, at: position, fallback: destination) {
         try writeBuffered(upTo: position)
         pending = end
         direct += end - position

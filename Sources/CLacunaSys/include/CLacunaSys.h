@@ -35,16 +35,19 @@ int64_t lacuna_copy_range(int dest_fd, int64_t dest_offset, int source_fd, int64
 /// Opens the file of `fd` again (/proc/self/fd), write-only with O_DIRECT: a description
 /// of its own, so the flag does not reach `fd`. -1 and errno on failure.
 int lacuna_open_direct(int fd);
-/// Kernel AIO (io_setup), for writes that bypass the page cache: 0, or -1 and errno.
-int lacuna_aio_setup(int depth, uint64_t *context);
-/// Submits one write of `length` bytes from `buffer` at `offset` of `fd`, tagged `tag`
-/// (io_submit): 0, or -1 and errno. The buffer's pages are pinned by then.
-int lacuna_aio_write(uint64_t context, int fd, const void *buffer, int64_t length, int64_t offset, uint64_t tag);
-/// Finished writes (io_getevents), waiting for at least `minimum` (0: none): their tags
-/// and results (bytes written, or -errno); returns how many (at most 64), or -1 and errno.
-int lacuna_aio_reap(uint64_t context, int minimum, int maximum, uint64_t *tags, int64_t *results);
-/// Ends the context, waiting for the writes still in flight (io_destroy).
-void lacuna_aio_destroy(uint64_t context);
+/// An io_uring for writes that bypass the page cache (`DirectLane`).
+struct lacuna_ring;
+/// A ring of `entries` submissions, or NULL and errno (io_uring_setup refused or disabled).
+struct lacuna_ring *lacuna_ring_open(unsigned entries);
+/// Submits one write of `length` bytes from `buffer` at `offset` of `fd`, tagged `tag`:
+/// 0, or -1 and errno (EAGAIN: the ring is full).
+int lacuna_ring_write(struct lacuna_ring *ring, int fd, const void *buffer, uint32_t length, int64_t offset, uint64_t tag);
+/// Finished writes, waiting for at least `minimum`: their tags and results (bytes written,
+/// or -errno); returns how many (at most `maximum`), or -1 and errno.
+int lacuna_ring_reap(struct lacuna_ring *ring, int minimum, int maximum, uint64_t *tags, int64_t *results);
+/// Closes the ring; the kernel finishes and frees it in the background. Writes must be
+/// reaped first.
+void lacuna_ring_close(struct lacuna_ring *ring);
 /// When `fd` is a pipe holding less than `size` bytes, asks for `size` (F_SETPIPE_SZ):
 /// fewer, larger reads and fewer switches between writer and reader. Returns the capacity,
 /// or -1 when `fd` is not a pipe or the kernel refuses (over /proc/sys/fs/pipe-max-size).
