@@ -14,7 +14,8 @@ public enum CopyMode: String, CaseIterable, Sendable {
   /// tmpfs), the bytes are written from the source's page cache, where the engine checked
   /// them mapped: one copy per byte, where reading into a buffer and writing it back
   /// copies every byte twice (W1 qcow2 -> raw on ext4 took half the CPU), and cheaper
-  /// than copy_file_range's splice (`KernelCopier.writesMappedBytes`).
+  /// than copy_file_range's splice (`KernelCopier.writesMappedBytes`). On ext4, part of
+  /// them goes to the disk from there without a copy (`DirectLane`).
   case auto
   /// Share extents; an output on a file system that cannot is an error.
   case clone
