@@ -155,12 +155,13 @@ public final class Converter {
   /// A run of a unit's data that lies plainly in a source file.
   struct HostPiece {
     var range: Range<Int64>
+    /// Where the piece lies in its file, and the mapping `mapped` lies in (when mapped).
     var bytes: HostBytes
     /// The piece's bytes where they lie mapped from the source file (read there, not
     /// copied into the unit's buffer), or nil when they are in the buffer.
     var mapped: UnsafeRawBufferPointer?
     /// The mapping `mapped` lies in.
-    var mapping: FileMapping?
+    var mapping: FileMapping? { bytes.mapping }
   }
 
   /// One step for the writer, in disk order: runs to pass on as they are, or a unit whose
@@ -772,8 +773,7 @@ public final class Converter {
             hostPieces.append(
               HostPiece(
                 range: segment.range, bytes: HostBytes(file: file, offset: host, mapping: mapped == nil ? nil : mappings[depth]),
-                mapped: mapped,
-                mapping: mapped == nil ? nil : mappings[depth]))
+                mapped: mapped))
             break
           }
           try chain!.layers[depth].read(into: slice, at: segment.range.lowerBound)

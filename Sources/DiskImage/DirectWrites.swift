@@ -10,12 +10,12 @@ import CLacunaSys
 ///
 /// A buffered write copies every byte into a new page of the output's page cache, and
 /// that copy is the whole cost of a conversion where nothing can be shared: 1 GiB takes
-/// 0.24–0.30 s on these machines, three times a memcpy. A direct write copies nothing;
-/// the device reads the pinned source pages itself. While a few direct writes are in
-/// flight, the writing thread copies the other chunks, so the two share the work in
-/// proportion to their speeds: about a third goes direct on a virtio disk that writes
-/// 1.8 GB/s, and on a slow disk the lane is full most of the time and the writing thread
-/// copies almost everything, as before.
+/// 0.23–0.30 s on these machines, two to three times a memcpy. A direct write copies
+/// nothing; the device reads the pinned source pages itself. While a few direct writes
+/// are in flight, the writing thread copies the other chunks, so the two share the work
+/// in proportion to their speeds: 35–45% goes direct on a virtio disk that writes
+/// 1.5–1.9 GB/s (W1 raw -> raw: 0.25–0.29 s, was 0.31–0.35), and on a slow disk the lane
+/// is full most of the time and the writing thread copies almost everything, as before.
 ///
 /// Only chunks whose memory is a file mapping are handed over (the engine's mapping of the
 /// source): a buffer is reused after its unit is written, while a direct write may still

@@ -268,8 +268,8 @@ public final class KernelCopier {
       try destination.write(bytes, at: offset)
       return 0
     }
-    // A direct write past the end of the file makes ext4 wait for it in io_submit (the
-    // size changes when it completes). A qcow2 output grows as its clusters are written:
+    // A direct write past the end of the file makes ext4 wait for it in the submission
+    // (the size changes when it completes). A qcow2 output grows as its clusters are written:
     // the file is made longer ahead of them, and the writer cuts it back at the end
     // (`extendedAhead`).
     if tail > knownSize {
