@@ -290,6 +290,8 @@ public final class KernelCopier {
       }
       pending = end
     }
+    // The lane is offered a chunk before each piece the writing thread copies: one that
+    // copied a whole chunk between offers left the disk idle behind it when copies are slow.
     while position < tail {
       let end = min(position + Int64(DirectLane.chunk), tail)
       let sourceRange = source.offset + position - offset..<source.offset + end - offset
@@ -297,8 +299,11 @@ public final class KernelCopier {
         try writeBuffered(upTo: position)
         pending = end
         direct += end - position
+        position = end
+      } else {
+        position = min(position + Int64(ImageFile.writePiece), tail)
+        try writeBuffered(upTo: position)
       }
-      position = end
     }
     try writeBuffered(upTo: offset + count)
     return direct
