@@ -42,8 +42,9 @@ final class DirectLane {
   /// thread copies, and a short wait at the end. Their source pages stay mapped until the
   /// write completes (a ring worker maps them to pin them), so they count in peak RSS:
   /// W1 raw -> raw took 0.258 s with 4 MiB, 0.248 with 8, 0.231 with 12, 0.228 with 16
-  /// (medians of 9), and qcow2 -> raw peaked at 50, 51, 55 and 60 MiB.
-  static let limit = 12 << 20
+  /// (medians of 9), and qcow2 -> raw peaked at 50, 51, 55 and 60 MiB (62.5 MiB once with
+  /// 12, in the bench): 8 keeps W1 and W4 under 64 MiB with room to spare.
+  static let limit = 8 << 20
   /// The largest single direct write.
   static let chunk = 1 << 20
 
