@@ -312,7 +312,13 @@ public final class Converter {
     // -> raw on ext4 peaked at 53 MiB against 57 (medians of 7) with four units of 2 MiB,
     // not eight, and was no slower; W4 zstd -> raw (its plain clusters) at 49 against 63;
     // with -m 8, 384 MiB of dense data peaked at 47 MiB against 108.
-    let capacity = keepMapped ? max(2, min(options.threads * 4, Int((8 << 20) / unit))) : options.threads * 4
+    // Other units hold buffers (and their compressed or prepared output) until written: up
+    // to 32 MiB of them, or one more than each worker's own when there are many workers,
+    // so memory does not grow with the cores (an NBD source's 8 threads peaked at 84-92 MiB).
+    let capacity =
+      keepMapped
+      ? max(2, min(options.threads * 4, Int((8 << 20) / unit)))
+      : min(options.threads * 4, max(options.threads + 2, Int((32 << 20) / unit)))
     let pipeline = OrderedPipeline<Job, FilledUnit>(
       threads: options.threads, capacity: capacity
     ) { [writer, checkReceived] job in
