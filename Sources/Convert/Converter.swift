@@ -306,19 +306,18 @@ public final class Converter {
       checkReceived = { deferring.checkData($0, at: $1) }
     }
     let releaser = PageReleaser()
-    // Units whose checked pages stay mapped until they are written are resident for that
-    // long: at most 8 MiB of them wait, whatever the thread count (the workers only look
-    // for zero blocks in them, far quicker than the writing thread writes them). W1 qcow2
-    // -> raw on ext4 peaked at 53 MiB against 57 (medians of 7) with four units of 2 MiB,
-    // not eight, and was no slower; W4 zstd -> raw (its plain clusters) at 49 against 63;
-    // with -m 8, 384 MiB of dense data peaked at 47 MiB against 108.
-    // Other units hold buffers (and their compressed or prepared output) until written: up
-    // to 32 MiB of them, or one more than each worker's own when there are many workers,
-    // so memory does not grow with the cores (an NBD source's 8 threads peaked at 84-92 MiB).
-    let capacity =
-      keepMapped
-      ? max(2, min(options.threads * 4, Int((8 << 20) / unit)))
-      : min(options.threads * 4, max(options.threads + 2, Int((32 << 20) / unit)))
+    // Units hold their buffers (and their compressed or prepared output) until written: up
+    // to 32 MiB of them wait, or one more than each worker's own when there are many
+    // workers, so memory does not grow with the cores (--copy-mode=rw -m 8 of dense data
+    // peaked at 87 MiB with four per worker, an NBD source's 8 threads at 84-92 MiB).
+    let capacity = min(options.threads * 4, max(options.threads + 2, Int((32 << 20) / unit)))
+    // Data checked where it lies mapped stays mapped until it is written: at most 8 MiB of
+    // it waits (`mappedBytes`), whatever the thread count. The workers only look for zero
+    // blocks in it, far quicker than the writing thread writes it. W1 qcow2 -> raw on ext4
+    // peaked at 44 MiB against 51 with 16 MiB (medians of 13, no slower), and -m 8 of
+    // dense data at 47 against 108. Compressed units hold no mapped data: they still fill
+    // the pipeline, so many workers can decompress at once.
+    let mappedLimit: Int64 = 8 << 20
     let pipeline = OrderedPipeline<Job, FilledUnit>(
       threads: options.threads, capacity: capacity
     ) { [writer, checkReceived] job in
@@ -345,6 +344,10 @@ public final class Converter {
     // Items waiting for the writer, in disk order; units are placeholders for results.
     var waiting: [Item] = []
     var waitingHead = 0
+    // The mapped bytes of each unit in the pipeline, in disk order, and their sum.
+    var mappedInFlight: [Int64] = []
+    var mappedHead = 0
+    var mappedWaiting: Int64 = 0
     var done: Int64 = 0
 
     // Zero runs that touch become one call, whether the map or a scan found them and
@@ -437,9 +440,9 @@ public final class Converter {
       if options.isCancelled?() == true { throw ConversionCancelled() }
     }
 
-    // Written pages leave the page tables in runs of up to 4 MiB, not unit by unit: each
-    // call interrupts the workers' processors to flush their TLBs (runs of 8 MiB kept
-    // 4 MiB more resident, for no measurable gain on ext4). The workers drop them,
+    // Written pages leave the page tables in runs of up to 8 MiB, not unit by unit: each
+    // call interrupts the workers' processors to flush their TLBs (runs of 4 MiB saved
+    // about 1 MiB of peak and were no faster). The workers drop them,
     // as they take their next unit: the writing thread, the one that limits a conversion
     // where nothing can be shared, only notes them.
     var released: (mapping: FileMapping, start: UnsafeRawPointer, end: UnsafeRawPointer)?
@@ -451,7 +454,7 @@ public final class Converter {
     }
     func release(_ piece: HostPiece) {
       guard let mapped = piece.mapped, let mapping = piece.mapping, let start = mapped.baseAddress else { return }
-      if let open = released, open.mapping === mapping, open.end == start, open.end - open.start < 4 << 20 {
+      if let open = released, open.mapping === mapping, open.end == start, open.end - open.start < 8 << 20 {
         released!.end = start + mapped.count
         return
       }
@@ -470,6 +473,12 @@ public final class Converter {
       case .runs(let runs): try writeRuns(runs, from: nil)
       case .unit:
         let filled = try pipeline.takeNext()
+        mappedWaiting -= mappedInFlight[mappedHead]
+        mappedHead += 1
+        if mappedHead > 1024 && mappedHead * 2 > mappedInFlight.count {
+          mappedInFlight.removeFirst(mappedHead)
+          mappedHead = 0
+        }
         statistics.bytesRead += filled.bytesRead
         statistics.holeBytesWritten += filled.filledBytes
         try writeRuns(filled.runs, from: filled)
@@ -481,11 +490,24 @@ public final class Converter {
       }
     }
 
+    /// The bytes of a unit the workers check where they lie mapped.
+    func mappedBytes(_ segments: [Segment]) -> Int64 {
+      segments.reduce(0) { total, segment in
+        guard case .layer(let depth) = segment.source, segment.hostOffset != nil, depth < mappings.count,
+          mappings[depth] != nil
+        else { return total }
+        return total + Int64(segment.range.count)
+      }
+    }
+
     /// Queues a step for the writer; a unit goes to the workers first.
     func enqueue(_ item: Item, buffer: UnsafeMutableRawBufferPointer? = nil) throws {
       if case .unit(let segments) = item {
-        while pipeline.isFull { try drainOne() }
+        let mapped = keepMapped ? mappedBytes(segments) : 0
+        while pipeline.isFull || (mappedWaiting > 0 && mappedWaiting + mapped > mappedLimit) { try drainOne() }
         pipeline.submit(Job(segments: segments, buffer: buffer))
+        mappedInFlight.append(mapped)
+        mappedWaiting += mapped
       }
       waiting.append(item)
       while waiting.count - waitingHead > 4096 { try drainOne() }
