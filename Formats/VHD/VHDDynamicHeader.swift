@@ -110,7 +110,7 @@ struct VHDDynamicHeader {
     if name == nil { name = try text(of: "W2ku") }
     if name == nil, !parentName.isEmpty { name = parentName }
     guard var found = name else { return nil }
-    found = found.replacingOccurrences(of: "\\", with: "/")
+    found = found.replacing("\\", with: "/")
     while found.hasPrefix("./") { found.removeFirst(2) }
     return found
   }

@@ -109,7 +109,7 @@ public final class VHDXReader: ImageReader {
     if let locator = metadata.parentLocator {
       // Windows separators; the engine resolves the name against this image's folder.
       let name =
-        locator["relative_path"].map { $0.replacingOccurrences(of: "\\", with: "/") }
+        locator["relative_path"].map { $0.replacing("\\", with: "/") }
         ?? locator["volume_path"] ?? locator["absolute_win32_path"]
       guard let name, !name.isEmpty else {
         throw invalid("parent locator has none of relative_path, volume_path, absolute_win32_path")

@@ -1,5 +1,8 @@
 import DiskImage
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+  import Glibc
+#endif
 
 /// `-B` naming a file that is not a layer of the source: the output stores only the
 /// granules (clusters) where the source reads differently from that file.

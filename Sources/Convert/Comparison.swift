@@ -1,5 +1,8 @@
 import DiskImage
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+  import Glibc
+#endif
 
 /// What `compare` found, in the order qemu-img looks: sizes (strict), then the common part
 /// front to back, then the larger image's tail.

@@ -1,5 +1,5 @@
 import DiskImage
-import Foundation
+import FoundationEssentials
 
 /// What the output's backing file is, as the engine sees it (`-B`).
 public enum OutputBacking {

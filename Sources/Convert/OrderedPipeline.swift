@@ -1,5 +1,5 @@
 import DiskImage
-import Foundation
+import FoundationEssentials
 
 /// Runs jobs on threads the engine owns (blocking I/O must not sit on Swift's cooperative
 /// pool) and hands results back in submission order, so the output is the same bytes
@@ -22,9 +22,7 @@ final class OrderedPipeline<Input, Output> {
     self.work = work
     running = max(threads, 1)
     for _ in 0..<running {
-      let thread = Thread { [self] in self.workerLoop() }
-      thread.stackSize = 1 << 20
-      thread.start()
+      startThread { [self] in self.workerLoop() }
     }
   }
 

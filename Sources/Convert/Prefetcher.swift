@@ -1,5 +1,5 @@
 import DiskImage
-import Foundation
+import FoundationEssentials
 
 /// Runs `next` on a thread of its own, up to `depth` results ahead of the taker, and hands
 /// the results back in order. The engine asks the source's map for the next windows here
@@ -17,9 +17,7 @@ final class Prefetcher<Value> {
   /// `next` returns nil after the last value; it runs on the prefetching thread only.
   init(depth: Int, next: @escaping () throws -> Value?) {
     self.depth = max(depth, 1)
-    let thread = Thread { [self] in self.loop(next) }
-    thread.stackSize = 1 << 20
-    thread.start()
+    startThread { [self] in self.loop(next) }
   }
 
   /// The next value, waiting for it; nil after the last one (and ever after). An error

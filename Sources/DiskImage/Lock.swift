@@ -39,3 +39,26 @@ public final class Lock: @unchecked Sendable {
   /// Wakes one thread waiting in `wait` (call it when any one waiter can take what came).
   public func signal() { pthread_cond_signal(condition) }
 }
+
+/// Starts `body` on a new detached thread with a stack of `stackSize` bytes (POSIX threads:
+/// the engine's threads block on I/O, so they are not Swift's cooperative pool's).
+public func startThread(stackSize: Int = 1 << 20, _ body: @escaping () -> Void) {
+  final class Box {
+    let body: () -> Void
+    init(_ body: @escaping () -> Void) { self.body = body }
+  }
+  var attributes = pthread_attr_t()
+  pthread_attr_init(&attributes)
+  defer { pthread_attr_destroy(&attributes) }
+  pthread_attr_setstacksize(&attributes, stackSize)
+  pthread_attr_setdetachstate(&attributes, Int32(PTHREAD_CREATE_DETACHED))
+  let context = Unmanaged.passRetained(Box(body)).toOpaque()
+  var thread = pthread_t()
+  let result = pthread_create(
+    &thread, &attributes,
+    { context in
+      Unmanaged<Box>.fromOpaque(context!).takeRetainedValue().body()
+      return nil
+    }, context)
+  precondition(result == 0, "pthread_create failed: \(result)")
+}

@@ -301,7 +301,7 @@ public final class OutputFile: ByteTarget {
     let mebibytes = Double(old.st_blocks) * 512 / 1_048_576
     return ImageError.advised(
       imageError,
-      advice: "the file being replaced (\(String(format: "%.1f", mebibytes)) MiB on disk) stays until the new image is complete, and there is no room for both: remove it first, or write into it in place with -n")
+      advice: "the file being replaced (\(cFormat("%.1f", mebibytes)) MiB on disk) stays until the new image is complete, and there is no room for both: remove it first, or write into it in place with -n")
   }
 
   /// Removes the temporary file. Does nothing after `commit()`.

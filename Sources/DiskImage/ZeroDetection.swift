@@ -1,5 +1,8 @@
 import CLacunaSys
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+  import Glibc
+#endif
 
 /// True when every byte of `bytes` is zero. Uses a self-overlapping `memcmp`, which libc
 /// vectorises, so it runs at memory speed.

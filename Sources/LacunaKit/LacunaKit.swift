@@ -1,6 +1,6 @@
 import Convert
 import DiskImage
-import Foundation
+import FoundationEssentials
 import NBD
 import QCOW2
 import Raw
@@ -268,7 +268,7 @@ private final class ProgressReporter: @unchecked Sendable {
 
 /// A flag set from one thread and read from another.
 private final class CancelFlag: @unchecked Sendable {
-  private let lock = NSLock()
+  private let lock = Lock()
   private var value = false
   var isSet: Bool { lock.withLock { value } }
   func set() { lock.withLock { value = true } }

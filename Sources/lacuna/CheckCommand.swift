@@ -1,7 +1,7 @@
 import ArgumentParser
 import Convert
 import DiskImage
-import Foundation
+import FoundationEssentials
 import QCOW2
 import VDI
 
@@ -127,9 +127,9 @@ struct CheckCommand: ParsableCommand {
     if result.totalClusters != 0 && result.allocatedClusters != 0 {
       let allocated = Double(result.allocatedClusters)
       text += "\(result.allocatedClusters)/\(result.totalClusters) = "
-        + String(format: "%0.2f", allocated * 100 / Double(result.totalClusters)) + "% allocated, "
-        + String(format: "%0.2f", Double(result.fragmentedClusters) * 100 / allocated) + "% fragmented, "
-        + String(format: "%0.2f", Double(result.compressedClusters) * 100 / allocated) + "% compressed clusters\n"
+        + cFormat("%0.2f", allocated * 100 / Double(result.totalClusters)) + "% allocated, "
+        + cFormat("%0.2f", Double(result.fragmentedClusters) * 100 / allocated) + "% fragmented, "
+        + cFormat("%0.2f", Double(result.compressedClusters) * 100 / allocated) + "% compressed clusters\n"
     }
     if result.imageEndOffset != 0 { text += "Image end offset: \(result.imageEndOffset)\n" }
     return text

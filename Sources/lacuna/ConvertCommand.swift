@@ -1,7 +1,7 @@
 import ArgumentParser
 import Convert
 import DiskImage
-import Foundation
+import FoundationEssentials
 
 #if canImport(Glibc)
   import Glibc
@@ -206,7 +206,7 @@ struct ConvertCommand: ParsableCommand {
     let statistics = try conversion.run()
     meter?.finish()
     guard summary && !quiet else { return }
-    let seconds = String(format: "%.3f s", Date().timeIntervalSince(started))
+    let seconds = cFormat("%.3f s", Date().timeIntervalSince(started))
     if let streamBytes = statistics.sourceBytes {
       printError(
         "received \(conversion.input.name) into \(destination): \(statistics.virtualSize) bytes virtual, "

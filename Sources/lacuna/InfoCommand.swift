@@ -102,7 +102,7 @@ struct InfoCommand: ParsableCommand {
   /// keys as spaces; an object or a list opens a block indented four more, a list's items
   /// named `[0]`, `[1]`, ...
   func humanLines(_ key: String, _ value: InfoValue, indent: Int) -> [String] {
-    let head = String(repeating: " ", count: indent) + key.replacingOccurrences(of: "-", with: " ") + ":"
+    let head = String(repeating: " ", count: indent) + key.replacing("-", with: " ") + ":"
     switch value {
     case .string(let text): return [head + " " + text]
     case .integer(let number): return [head + " " + String(number)]

@@ -2,7 +2,7 @@ import ArgumentParser
 import Compression
 import Convert
 import NBD
-import Foundation
+import FoundationEssentials
 import DiskImage
 import LacunaKit
 import QCOW2
@@ -105,9 +105,9 @@ enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
 func parseOptions(_ list: [String]) throws -> [String: String] {
   var result: [String: String] = [:]
   for text in list {
-    let parts = text.replacingOccurrences(of: ",,", with: "\u{0}").split(separator: ",")
+    let parts = text.replacing(",,", with: "\u{0}").split(separator: ",")
     for part in parts {
-      let item = part.replacingOccurrences(of: "\u{0}", with: ",")
+      let item = String(part.replacing("\u{0}", with: ","))
       guard let equals = item.firstIndex(of: "=") else {
         result[item] = "on"
         continue
@@ -150,5 +150,5 @@ func humanSize(_ bytes: Int64) -> String {
   let exponent = frexp(value / (1000.0 / 1024.0)).1
   let unit = min(suffixes.count - 1, max(0, (exponent - 1) / 10))
   let divisor = Double(UInt64(1) << UInt64(unit * 10))
-  return String(format: "%0.3g", value / divisor) + " " + suffixes[unit] + "B"
+  return cFormat("%0.3g", value / divisor) + " " + suffixes[unit] + "B"
 }

@@ -1,5 +1,6 @@
 import ArgumentParser
-import Foundation
+import DiskImage
+import FoundationEssentials
 
 #if canImport(Glibc)
   import Glibc
@@ -49,10 +50,10 @@ final class ProgressMeter {
       fputs("\r" + terminalLine(done: done, total: total, now: now) + "\u{1B}[K", stream)
     case .bar:
       let percent = total == 0 ? 100 : Double(done) * 100 / Double(total)
-      fputs(String(format: "    (%.2f/100%%)\r", percent), stream)
+      fputs(cFormat("    (%.2f/100%%)\r", percent), stream)
     case .json:
       fputs(
-        "{\"bytes-done\": \(done), \"bytes-total\": \(total), \"elapsed\": \(String(format: "%.3f", elapsed))}\n",
+        "{\"bytes-done\": \(done), \"bytes-total\": \(total), \"elapsed\": \(cFormat("%.3f", elapsed))}\n",
         stream)
     }
     fflush(stream)
@@ -74,7 +75,7 @@ final class ProgressMeter {
     let seconds = now.timeIntervalSince(first.time)
     let rate = seconds > 0 ? Double(done - first.done) / seconds : 0
     let fraction = total == 0 ? 1 : min(1, Double(done) / Double(total))
-    var text = String(format: " %3d%%  ", Int(fraction * 100)) + humanSize(done) + " / " + humanSize(total)
+    var text = cFormat(" %3d%%  ", Int(fraction * 100)) + humanSize(done) + " / " + humanSize(total)
     if done >= total {
       text += "  " + humanSize(Int64(Double(done) / max(now.timeIntervalSince(started), 0.001))) + "/s"
       text += "  in " + clock(now.timeIntervalSince(started))
@@ -103,5 +104,5 @@ private func clock(_ seconds: Double) -> String {
   let whole = Int(min(max(seconds, 0), 359_999).rounded())
   let (hours, minutes, rest) = (whole / 3600, whole / 60 % 60, whole % 60)
   return hours > 0
-    ? String(format: "%d:%02d:%02d", hours, minutes, rest) : String(format: "%d:%02d", minutes, rest)
+    ? cFormat("%d:%02d:%02d", hours, minutes, rest) : cFormat("%d:%02d", minutes, rest)
 }

@@ -1,6 +1,6 @@
 import ArgumentParser
 import DiskImage
-import Foundation
+import FoundationEssentials
 
 #if canImport(Glibc)
   import Glibc
@@ -23,8 +23,8 @@ enum SnapshotOption {
     guard text.hasPrefix("snapshot.") else { return .idOrName(text) }
     var id: String?
     var name: String?
-    for part in text.replacingOccurrences(of: ",,", with: "\u{0}").split(separator: ",", omittingEmptySubsequences: false) {
-      let item = part.replacingOccurrences(of: "\u{0}", with: ",")
+    for part in text.replacing(",,", with: "\u{0}").split(separator: ",", omittingEmptySubsequences: false) {
+      let item = String(part.replacing("\u{0}", with: ","))
       guard let equals = item.firstIndex(of: "=") else {
         throw ValidationError("-l '\(text)': '\(item)' is not snapshot.id=ID or snapshot.name=NAME")
       }
@@ -79,8 +79,8 @@ enum SnapshotOption {
       let milliseconds = snapshot.vmClockNanoseconds / 1_000_000 % 1000
       // qemu prints each part as a C int.
       func part(_ value: UInt64) -> Int32 { Int32(truncatingIfNeeded: value) }
-      let clock = String(
-        format: "%02d:%02d:%02d.%03d", part(seconds / 3600), part(seconds / 60 % 60), part(seconds % 60),
+      let clock = cFormat(
+        "%02d:%02d:%02d.%03d", part(seconds / 3600), part(seconds / 60 % 60), part(seconds % 60),
         part(milliseconds))
       lines.append(
         padRight(snapshot.id, 9) + " " + padRight(snapshot.name, 16) + " "

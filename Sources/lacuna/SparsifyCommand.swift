@@ -1,7 +1,7 @@
 import ArgumentParser
 import Convert
 import DiskImage
-import Foundation
+import FoundationEssentials
 
 #if canImport(Glibc)
   import Glibc
@@ -67,7 +67,7 @@ struct SparsifyCommand: ParsableCommand {
         "sparsified \(image): \(statistics.bytesScanned) bytes of data scanned, "
           + "\(statistics.bytesPunched) punched in \(statistics.holesPunched) holes, "
           + "allocated \(statistics.allocatedBefore) -> \(statistics.allocatedAfter) bytes, "
-          + String(format: "%.3f s", Date().timeIntervalSince(started)), prefix: false)
+          + cFormat("%.3f s", Date().timeIntervalSince(started)), prefix: false)
     }
   }
 }
