@@ -191,7 +191,7 @@ public final class Converter {
   }
 
   /// A unit after a worker read it: the bytes and how they split into data and zeros.
-  final class FilledUnit {
+  final class FilledUnit: KeptMemory {
     let start: Int64
     /// The unit's bytes; only the first `length` belong to it.
     let buffer: UnsafeMutableRawBufferPointer
@@ -230,6 +230,8 @@ public final class Converter {
     }
 
     deinit { pool.give(buffer) }
+
+    var keptBytes: Int { buffer.count }
   }
 
   /// Runs the conversion, then checks a sequential source's end, then `writer.finish()`.

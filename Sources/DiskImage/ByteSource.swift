@@ -134,6 +134,12 @@ public protocol KeepingByteTarget: ByteTarget {
   func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64, keeping owner: AnyObject) throws
 }
 
+/// An owner a `KeepingByteTarget` keeps alive: how much memory keeping it holds (a work
+/// unit's whole buffer, however few of its bytes are data).
+public protocol KeptMemory: AnyObject {
+  var keptBytes: Int { get }
+}
+
 /// Storage reached by a URI instead of a path (NBD exports): the Resolver asks it before
 /// opening a name as a file, and the conversion before creating an output file.
 public protocol NetworkStorage: Sendable {

@@ -38,6 +38,12 @@ public final class NBDTarget: KeepingByteTarget {
   /// per 4 KiB).
   private let pieceSize: Int
   private var spareBuffers: [UnsafeMutableRawBufferPointer] = []
+  /// Requests sent, in order: the oldest in flight over all connections is retired first.
+  private var sequence = 0
+  /// The callers' buffers requests in flight send from, with how many requests each, and
+  /// the memory they and the copies hold (`maximumKeptBytes`).
+  private var keptOwners: [ObjectIdentifier: Int] = [:]
+  private var keptBytes = 0
   /// False skips the final flush (`-t unsafe`).
   public var synchronizes = true
   private var closed = false
@@ -46,6 +52,11 @@ public final class NBDTarget: KeepingByteTarget {
   /// Bytes in flight at most, over all connections. More did not go faster: writing W1 to
   /// qemu-nbd took 0.31-0.43 s with 16 MiB (4 MiB per connection) and 0.62-0.75 s with 64.
   static let maximumBytesInFlight = 16 << 20
+  /// Memory the requests in flight keep alive, at most: their copies of the bytes, and the
+  /// callers' buffers they send from (`KeptMemory`: a work unit's whole 2 MiB, of which
+  /// at least half is data, or its data is copied). Counting only the data kept 31 units
+  /// alive writing W1 (whose units are part data, part zeros) and peaked at 80 MiB.
+  static let maximumKeptBytes = 16 << 20
   /// Connections at most, when the server offers multi-conn.
   static let maximumConnections = 4
   /// Data requests are cut to this size at most. Smaller requests let the server take in
@@ -60,7 +71,10 @@ public final class NBDTarget: KeepingByteTarget {
     let connection: NBDConnection
     /// `buffer` is a copy of the bytes made here; `owner` keeps the caller's bytes alive.
     var pending:
-      [(cookie: Int64, buffer: UnsafeMutableRawBufferPointer?, owner: AnyObject?, bytes: Int, range: Range<Int64>)] = []
+      [(
+        cookie: Int64, sequence: Int, buffer: UnsafeMutableRawBufferPointer?, owner: AnyObject?, bytes: Int,
+        range: Range<Int64>
+      )] = []
     var pendingBytes = 0
     init(_ connection: NBDConnection) { self.connection = connection }
     deinit { for request in pending { request.buffer?.deallocate() } }
@@ -119,15 +133,45 @@ public final class NBDTarget: KeepingByteTarget {
     nextLane = (nextLane + 1) % lanes.count
     let cookie = start(lane.connection.handle)
     guard cookie != -1 else {
-      if let buffer { spareBuffers.append(buffer) }
+      if let buffer { giveBack(buffer) }
       throw ImageError.advised(lane.connection.failure(what()), advice: progress)
     }
-    lane.pending.append((cookie, buffer, owner, bytes, range))
+    lane.pending.append((cookie, sequence, buffer, owner, bytes, range))
+    sequence += 1
     lane.pendingBytes += bytes
+    keep(buffer: buffer, owner: owner)
     // Move the connections along without waiting: send what the sockets take now, and take
     // in the replies that have come.
     try pump(timeout: 0)
     try retire(lane, keeping: NBDTarget.maximumInFlight, bytes: NBDTarget.maximumBytesInFlight / lanes.count)
+    while keptBytes > NBDTarget.maximumKeptBytes,
+      let oldest = lanes.filter({ !$0.pending.isEmpty }).min(by: { $0.pending[0].sequence < $1.pending[0].sequence })
+    {
+      try retire(oldest, keeping: oldest.pending.count - 1, bytes: Int.max)
+    }
+  }
+
+  /// Counts the memory a request keeps: its copy, or its owner's buffer (once per owner).
+  private func keep(buffer: UnsafeMutableRawBufferPointer?, owner: AnyObject?) {
+    if let buffer { keptBytes += buffer.count }
+    guard let owner else { return }
+    let key = ObjectIdentifier(owner)
+    let count = keptOwners[key, default: 0]
+    if count == 0 { keptBytes += (owner as? KeptMemory)?.keptBytes ?? 0 }
+    keptOwners[key] = count + 1
+  }
+
+  private func release(buffer: UnsafeMutableRawBufferPointer?, owner: AnyObject?) {
+    if let buffer { keptBytes -= buffer.count }
+    guard let owner else { return }
+    let key = ObjectIdentifier(owner)
+    let count = keptOwners[key, default: 1] - 1
+    if count == 0 {
+      keptOwners[key] = nil
+      keptBytes -= (owner as? KeptMemory)?.keptBytes ?? 0
+    } else {
+      keptOwners[key] = count
+    }
   }
 
   /// Waits for the oldest requests of `lane` until at most `count` (and `bytes` bytes) are
@@ -150,7 +194,8 @@ public final class NBDTarget: KeepingByteTarget {
         }
         try pump(timeout: Int32(min(remaining, 1000)))
       }
-      if let buffer = oldest.buffer { spareBuffers.append(buffer) }
+      if let buffer = oldest.buffer { giveBack(buffer) }
+      release(buffer: oldest.buffer, owner: oldest.owner)
       lane.pendingBytes -= oldest.bytes
       lane.pending.removeFirst()
     }
@@ -186,13 +231,24 @@ public final class NBDTarget: KeepingByteTarget {
     for lane in lanes { try retire(lane, keeping: 0, bytes: 0) }
   }
 
+  /// A buffer for a copy of `count` bytes: a spare one of `pieceSize` for a whole piece,
+  /// one of just that size for less (a few KiB of data must not hold a whole piece).
+  private func copyBuffer(_ count: Int) -> UnsafeMutableRawBufferPointer {
+    guard count == pieceSize else { return .allocate(byteCount: count, alignment: 64) }
+    return spareBuffers.popLast() ?? .allocate(byteCount: pieceSize, alignment: 4096)
+  }
+
+  private func giveBack(_ buffer: UnsafeMutableRawBufferPointer) {
+    if buffer.count == pieceSize { spareBuffers.append(buffer) } else { buffer.deallocate() }
+  }
+
   public func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64) throws {
     try zeroIfPending()
     var done = 0
     writtenEnd = max(writtenEnd, offset + Int64(bytes.count))
     while done < bytes.count {
       let n = min(bytes.count - done, pieceSize)
-      let buffer = spareBuffers.popLast() ?? UnsafeMutableRawBufferPointer.allocate(byteCount: pieceSize, alignment: 4096)
+      let buffer = copyBuffer(n)
       buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: bytes[done..<done + n]))
       let at = offset + Int64(done)
       try send(range: at..<at + Int64(n), buffer: buffer, bytes: n, what: "write \(n) bytes at \(hex(at))") {
@@ -205,6 +261,11 @@ public final class NBDTarget: KeepingByteTarget {
   /// Sends `bytes` straight from the caller's buffer, keeping `owner` (and so the buffer)
   /// until the server has answered: no copy.
   public func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64, keeping owner: AnyObject) throws {
+    // Bytes that are a small part of their owner's buffer are copied: keeping a 2 MiB unit
+    // alive for 64 KiB of data would let the requests in flight hold 32 times their bytes.
+    if let kept = owner as? KeptMemory, keptOwners[ObjectIdentifier(owner)] == nil, bytes.count * 2 < kept.keptBytes {
+      return try write(bytes, at: offset)
+    }
     try zeroIfPending()
     writtenEnd = max(writtenEnd, offset + Int64(bytes.count))
     var done = 0
