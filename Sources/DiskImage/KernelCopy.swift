@@ -402,7 +402,7 @@ public final class FileMapping: @unchecked Sendable {
 
   /// How far around a faulting address the kernel maps pages already in the page cache
   /// (fault-around, `fault_around_bytes`: 64 KiB unless changed), in aligned blocks.
-  static let faultAround = 64 << 10
+  public static let faultAround = 64 << 10
 
   /// Drops the page tables of `bytes` (got from `bytes(_:)` of this mapping) once they
   /// were checked: the pages stay in the page cache, but no longer count in the process's
