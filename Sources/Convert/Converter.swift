@@ -16,8 +16,12 @@ public enum OutputBacking {
 
 /// How a conversion runs.
 public struct ConvertOptions {
-  /// Worker threads that read, detect zeros and compress (`-m`).
-  public var threads: Int = max(2, ProcessInfo.processInfo.activeProcessorCount)
+  /// Worker threads that read, detect zeros and compress (`-m`): by default the number of
+  /// cores, at least 2 and at most 8 (qemu-img's default -m), so that the units in flight
+  /// (`capacity`) stay within their memory budget on any machine.
+  public var threads: Int = defaultThreads
+  /// The cores, at least 2 and at most 8.
+  public static var defaultThreads: Int { min(8, max(2, ProcessInfo.processInfo.activeProcessorCount)) }
   /// `-S`: blocks of this many bytes that are all zero are not written; 0 writes every
   /// byte, holes included.
   public var sparseSize: Int = 4096
@@ -303,10 +307,12 @@ public final class Converter {
     }
     let releaser = PageReleaser()
     // Units hold their buffers (and their compressed or prepared output) until written: up
-    // to 32 MiB of them wait, or one more than each worker's own when there are many
-    // workers, so memory does not grow with the cores (with -m 8 and four per worker,
-    // --copy-mode=rw of dense data peaked at 87 MiB, now 54; W4 zstd -> raw at 126, now 74).
-    let capacity = min(options.threads * 4, max(options.threads + 2, Int((32 << 20) / unit)))
+    // to 24 MiB of them wait, or two more than the workers when -m asks for more than 10,
+    // so memory does not grow with the cores (with -m 8 and four per worker,
+    // --copy-mode=rw of dense data peaked at 87 MiB; W4 zstd -> raw at 126). With a budget
+    // of 32 MiB, W4 zstd -> raw peaked at 49 MiB with -m 2 (8 units), 65 with -m 4 and 8
+    // (16 units): each unit is its 2 MiB buffer.
+    let capacity = min(options.threads * 4, max(options.threads + 2, Int((24 << 20) / unit)))
     // Data checked where it lies mapped stays mapped until it is written: at most 8 MiB of
     // it waits (`mappedBytes`), whatever the thread count. The workers only look for zero
     // blocks in it, far quicker than the writing thread writes it. W1 qcow2 -> raw on ext4

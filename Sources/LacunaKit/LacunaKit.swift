@@ -153,7 +153,7 @@ public struct ConversionOptions: Sendable {
   public var formatOptions: [String: String] = [:]
   /// Compress the output (qcow2).
   public var compress = false
-  /// Worker threads; nil takes the number of cores (at least 2).
+  /// Worker threads; nil takes the number of cores, from 2 to 8.
   public var threads: Int?
   /// Zero runs of this many bytes (a multiple of 512) are left as holes; 0 writes everything.
   public var sparseSize = 4096

@@ -121,7 +121,7 @@ struct ConvertCommand: ParsableCommand {
   @Option(
     name: .customShort("m"),
     help: ArgumentHelp(
-      "Worker threads (default: the number of cores, at least 2; at least 8 when the source is an NBD server, whose requests wait on the network).",
+      "Worker threads (default: the number of cores, from 2 to 8; 8 when the source is an NBD server, whose requests wait on the network).",
       valueName: "threads"))
   var threads: Int?
 
@@ -194,7 +194,7 @@ struct ConvertCommand: ParsableCommand {
       request.engine.threads = threads
     } else if access.resolver.isNetworkName(source) {
       // Reading from a server is waiting more than working: more requests at once.
-      request.engine.threads = max(request.engine.threads, 8)
+      request.engine.threads = 8
     }
     request.engine.copyMode = copyMode.mode
     let format = progressFormat ?? (progress ? .bar : nil)

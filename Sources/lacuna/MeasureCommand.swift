@@ -63,7 +63,7 @@ struct MeasureCommand: ParsableCommand {
     help: "The format of the source's backing file, when the source does not record it.")
   var sourceBackingFormat: String?
 
-  @Option(name: .customShort("m"), help: "Worker threads (default: the number of cores, at least 2).")
+  @Option(name: .customShort("m"), help: "Worker threads (default: the number of cores, from 2 to 8).")
   var threads: Int?
 
   @OptionGroup var access: ImageAccess
