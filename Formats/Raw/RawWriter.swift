@@ -72,6 +72,19 @@ public final class RawWriter: CopyingImageWriter {
     return try output.explainingRoom { try copier.write(bytes, at: offset, from: source, mode: mode) }
   }
 
+  public func write(
+    _ bytes: UnsafeRawBufferPointer, at offset: Int64, keeping owner: AnyObject, mode: CopyMode
+  ) throws -> CopyTally {
+    guard let copier else {
+      try write(bytes, at: offset, keeping: owner)
+      var tally = CopyTally()
+      tally.written = Int64(bytes.count)
+      return tally
+    }
+    guard let output = target as? OutputFile else { return try copier.write(bytes, at: offset, keeping: owner, mode: mode) }
+    return try output.explainingRoom { try copier.write(bytes, at: offset, keeping: owner, mode: mode) }
+  }
+
   public func writeZeroes(_ range: Range<Int64>) throws {
     if preallocation == .full {
       try target.writeZeroBytes(range)

@@ -60,6 +60,9 @@ public struct ConvertStatistics: Equatable {
   public var bytesFromPageCache: Int64 = 0
   /// Of `bytesFromPageCache`: sent to the disk from there without a copy (O_DIRECT, on ext4).
   public var bytesDirect: Int64 = 0
+  /// Of the bytes written from memory (neither cloned, copied nor from the page cache):
+  /// sent to the disk from the unit's buffer without a copy (O_DIRECT, on ext4).
+  public var bytesDirectFromMemory: Int64 = 0
   /// Bytes read that turned out to be zero blocks and were not written.
   public var zeroBytesSkipped: Int64 = 0
   /// Bytes the map said were holes or zeros: never read.
@@ -375,14 +378,19 @@ public final class Converter {
             return UnsafeRawBufferPointer(
               rebasing: unit.buffer[Int(range.lowerBound - unit.start)..<Int(range.upperBound - unit.start)])
           }
-          guard let copying, !unit.hostPieces.isEmpty else {
-            // The bytes are in the unit's buffer, which lives as long as the unit: a target
-            // that sends them later keeps the unit rather than a copy.
-            if unit.hostPieces.isEmpty {
-              try writer.write(bytes(run.range), at: run.range.lowerBound, keeping: unit)
-            } else {
-              try writer.write(bytes(run.range), at: run.range.lowerBound)
+          // Bytes outside the host pieces are in the unit's buffer, which lives as long as
+          // the unit: a target that sends them later (an NBD server, the direct lane)
+          // keeps the unit rather than a copy.
+          func writeFromBuffer(_ range: Range<Int64>) throws {
+            guard let copying else {
+              try writer.write(bytes(range), at: range.lowerBound, keeping: unit)
+              return
             }
+            let tally = try copying.write(bytes(range), at: range.lowerBound, keeping: unit, mode: copyMode)
+            statistics.bytesDirectFromMemory += tally.direct
+          }
+          guard let copying, !unit.hostPieces.isEmpty else {
+            try writeFromBuffer(run.range)
             break
           }
           // The parts that lie in a source file go by the kernel; the rest is written.
@@ -391,7 +399,7 @@ public final class Converter {
           where piece.range.upperBound > position && piece.range.lowerBound < run.range.upperBound {
             let part = max(piece.range.lowerBound, position)..<min(piece.range.upperBound, run.range.upperBound)
             if part.lowerBound > position {
-              try writer.write(bytes(position..<part.lowerBound), at: position)
+              try writeFromBuffer(position..<part.lowerBound)
             }
             let tally = try copying.write(
               bytes(part), at: part.lowerBound,
@@ -404,7 +412,7 @@ public final class Converter {
             position = part.upperBound
           }
           if position < run.range.upperBound {
-            try writer.write(bytes(position..<run.range.upperBound), at: position)
+            try writeFromBuffer(position..<run.range.upperBound)
           }
         case .zero:
           if let open = zeros, open.upperBound == run.range.lowerBound {

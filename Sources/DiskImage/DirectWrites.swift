@@ -17,9 +17,12 @@ import CLacunaSys
 /// 1.5–1.9 GB/s (W1 raw -> raw: 0.25–0.29 s, was 0.31–0.35), and on a slow disk the lane
 /// is full most of the time and the writing thread copies almost everything, as before.
 ///
-/// Only chunks whose memory is a file mapping are handed over (the engine's mapping of the
-/// source): a buffer is reused after its unit is written, while a direct write may still
-/// be reading it. The memory, the offset and the length are 4 KiB-aligned; the writer
+/// Chunks are handed over from the engine's mapping of the source, and from a unit's
+/// buffer (decompressed clusters, a received stream) together with the unit that owns it:
+/// the lane keeps the unit, so its buffer goes back to the pool only once no direct write
+/// reads it. Where copying into new page-cache pages is slow (these VMs hand free pages
+/// back to the host, and a page touched again must be backed anew), the lane then takes
+/// the larger share of decompressed data too. The memory, the offset and the length are 4 KiB-aligned; the writer
 /// writes the unaligned edges itself. The output's own page cache never holds the chunks
 /// sent here (each output byte is written once), so the two ways never meet in a page.
 final class DirectLane {
@@ -29,8 +32,21 @@ final class DirectLane {
   /// What is in flight, by tag: where it goes and the memory it comes from (still mapped,
   /// to write again should the kernel refuse or write less, and to drop from the page
   /// tables once written).
-  private var inFlight: [UInt64: (offset: Int64, bytes: UnsafeRawBufferPointer, mapping: FileMapping)] = [:]
+  private var inFlight: [UInt64: (offset: Int64, bytes: UnsafeRawBufferPointer, memory: Memory)] = [:]
+  /// What the writes in flight hold: their mapped bytes, and the whole memory of each
+  /// owner they keep (`KeptMemory`), counted once however many of its chunks are in flight.
   private var bytesInFlight = 0
+  /// The writes in flight from each kept owner.
+  private var owners: [ObjectIdentifier: Int] = [:]
+
+  /// Where the bytes of a direct write lie, and what keeps them there until it completes.
+  enum Memory {
+    /// The source's page cache, mapped: dropped from the page tables once written.
+    case mapped(FileMapping)
+    /// Memory of the caller's that stays valid and unchanged while `owner` lives (a unit's
+    /// buffer of decompressed or received data).
+    case kept(AnyObject)
+  }
   private var nextTag: UInt64 = 0
   /// False once the file system refused a direct write: everything is written buffered.
   private(set) var isOpen = true
@@ -45,6 +61,11 @@ final class DirectLane {
   /// (medians of 9), and qcow2 -> raw peaked at 50, 51, 55 and 60 MiB (62.5 MiB once with
   /// 12, in the bench): 8 keeps W1 and W4 under 64 MiB with room to spare.
   static let limit = 8 << 20
+  /// Of `limit`, at most this much may be kept owners' memory: units kept here are
+  /// buffers the engine's pipeline does not have, and it allocates others in their place.
+  static let keptLimit = 4 << 20
+  /// The kept owners' share of `bytesInFlight`.
+  private var keptInFlight = 0
   /// The largest single direct write.
   static let chunk = 1 << 20
 
@@ -79,16 +100,29 @@ final class DirectLane {
     Glibc.close(descriptor)
   }
 
-  /// Sends `bytes` (mapped memory, aligned, at most `chunk`) to `offset` when there is room
+  /// What sending `bytes` from `memory` adds to `bytesInFlight`.
+  private func cost(of bytes: UnsafeRawBufferPointer, in memory: Memory) -> Int {
+    switch memory {
+    case .mapped: return bytes.count
+    case .kept(let owner):
+      if owners[ObjectIdentifier(owner)] != nil { return 0 }
+      return max((owner as? KeptMemory)?.keptBytes ?? bytes.count, bytes.count)
+    }
+  }
+
+  /// Sends `bytes` (aligned, at most `chunk`, from `memory`) to `offset` when there is room
   /// in flight; false when there is not (the caller writes them itself).
   func send(
-    _ bytes: UnsafeRawBufferPointer, from mapping: FileMapping, at offset: Int64, fallback: ImageFile
+    _ bytes: UnsafeRawBufferPointer, from memory: Memory, at offset: Int64, fallback: ImageFile
   ) throws -> Bool {
     guard isOpen else { return false }
-    if bytesInFlight + bytes.count > Self.limit || inFlight.count == Self.slots {
-      try reap(waiting: false, fallback: fallback)
+    func fits(_ cost: Int) -> Bool {
+      if case .kept = memory, keptInFlight + cost > Self.keptLimit { return false }
+      return bytesInFlight + cost <= Self.limit && inFlight.count < Self.slots
     }
-    guard isOpen, bytesInFlight + bytes.count <= Self.limit, inFlight.count < Self.slots else { return false }
+    if !fits(cost(of: bytes, in: memory)) { try reap(waiting: false, fallback: fallback) }
+    let cost = cost(of: bytes, in: memory)
+    guard isOpen, fits(cost) else { return false }
     let tag = nextTag
     nextTag &+= 1
     if lacuna_ring_write(ring, descriptor, bytes.baseAddress, UInt32(bytes.count), offset, tag) != 0 {
@@ -100,8 +134,12 @@ final class DirectLane {
       }
       throw ImageError.system(path: path, operation: "write \(bytes.count) bytes at \(hex(offset)) (direct)", errno: code)
     }
-    inFlight[tag] = (offset, bytes, mapping)
-    bytesInFlight += bytes.count
+    inFlight[tag] = (offset, bytes, memory)
+    bytesInFlight += cost
+    if case .kept(let owner) = memory {
+      owners[ObjectIdentifier(owner), default: 0] += 1
+      keptInFlight += cost
+    }
     return true
   }
 
@@ -126,10 +164,23 @@ final class DirectLane {
     var failure: ImageError?
     for i in 0..<Int(n) {
       guard let write = inFlight.removeValue(forKey: tags[i]) else { continue }
-      bytesInFlight -= write.bytes.count
       // A write the ring handed to a kernel worker pins its pages only then, faulting
       // back in any the engine had dropped since: they are dropped again now.
-      defer { write.mapping.release(write.bytes) }
+      defer { if case .mapped(let mapping) = write.memory { mapping.release(write.bytes) } }
+      switch write.memory {
+      case .mapped:
+        bytesInFlight -= write.bytes.count
+      case .kept(let owner):
+        let id = ObjectIdentifier(owner)
+        if owners[id] == 1 {
+          owners[id] = nil
+          let cost = max((owner as? KeptMemory)?.keptBytes ?? write.bytes.count, write.bytes.count)
+          bytesInFlight -= cost
+          keptInFlight -= cost
+        } else {
+          owners[id]! -= 1
+        }
+      }
       let result = results[i]
       if result == Int64(write.bytes.count) { continue }
       if result >= 0 || Self.isRefusal(Int32(-result)) {

@@ -81,6 +81,10 @@ public protocol CopyingImageWriter: ImageWriter {
   func writesMappedBytes(in mode: CopyMode) -> Bool
   /// Stores `bytes` (read from `source`, found not to be zero) at `offset` of the disk.
   func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64, from source: HostBytes, mode: CopyMode) throws -> CopyTally
+  /// Stores `bytes` from memory (found not to be zero) that stay valid and unchanged
+  /// while `owner` lives (`KernelCopier.write(_:at:keeping:mode:)`). `direct` in the tally
+  /// counts what went to the disk without a copy.
+  func write(_ bytes: UnsafeRawBufferPointer, at offset: Int64, keeping owner: AnyObject, mode: CopyMode) throws -> CopyTally
 }
 
 /// A writer that prepares units on the workers (`PreparingImageWriter`) and can take the
@@ -254,16 +258,51 @@ public final class KernelCopier {
   /// the direct lane has room for go to the disk from there, the rest is written through
   /// the output's page cache. Returns the bytes sent direct.
   private func writeFromPageCache(_ bytes: UnsafeRawBufferPointer, at offset: Int64, from source: HostBytes) throws -> Int64 {
+    guard let mapping = source.mapping else {
+      try destination.write(bytes, at: offset)
+      return 0
+    }
+    return try writeSharingWithLane(bytes, at: offset, memory: .mapped(mapping)) { range in
+      mapping.window(source.offset + range.lowerBound - offset..<source.offset + range.upperBound - offset)
+    }
+  }
+
+  /// Data bytes from memory (a unit's buffer) that stay valid and unchanged while `owner`
+  /// lives: in `auto` on ext4, the aligned chunks the direct lane has room for go to the
+  /// disk from there, keeping `owner` until they are written; the rest, and everything in
+  /// other modes and on other file systems, is written through the page cache.
+  public func write(
+    _ bytes: UnsafeRawBufferPointer, at offset: Int64, keeping owner: AnyObject, mode: CopyMode
+  ) throws -> CopyTally {
+    var tally = CopyTally()
+    tally.written = Int64(bytes.count)
+    guard mode == .auto, mayWriteDirect, let base = bytes.baseAddress else {
+      try destination.write(bytes, at: offset)
+      return tally
+    }
+    tally.direct = try writeSharingWithLane(bytes, at: offset, memory: .kept(owner)) { range in
+      UnsafeRawBufferPointer(start: base + Int(range.lowerBound - offset), count: range.count)
+    }
+    return tally
+  }
+
+  /// Writes `bytes` at `offset`, offering the direct lane each aligned chunk (`window`
+  /// gives its memory, 4 KiB-aligned when the bytes are aligned like the offset) before
+  /// each piece the writing thread copies. Returns the bytes sent direct.
+  private func writeSharingWithLane(
+    _ bytes: UnsafeRawBufferPointer, at offset: Int64, memory: DirectLane.Memory,
+    window: (Range<Int64>) -> UnsafeRawBufferPointer?
+  ) throws -> Int64 {
     let count = Int64(bytes.count)
     let align = Int64(DirectLane.alignment)
     let head = (offset + align - 1) / align * align
     let tail = (offset + count) / align * align
-    if mayWriteDirect && !triedDirectLane && tail - head >= align && source.mapping != nil {
+    if mayWriteDirect && !triedDirectLane && tail - head >= align {
       triedDirectLane = true
       directLane = DirectLane(destination: destination)
     }
-    guard let lane = directLane, lane.isOpen, tail - head >= align, (source.offset - offset) % align == 0,
-      let mapping = source.mapping
+    guard let lane = directLane, lane.isOpen, tail - head >= align,
+      let first = window(head..<head + align), Int(bitPattern: first.baseAddress) % Int(align) == 0
     else {
       try destination.write(bytes, at: offset)
       return 0
@@ -294,8 +333,7 @@ public final class KernelCopier {
     // copied a whole chunk between offers left the disk idle behind it when copies are slow.
     while position < tail {
       let end = min(position + Int64(DirectLane.chunk), tail)
-      let sourceRange = source.offset + position - offset..<source.offset + end - offset
-      if let window = mapping.window(sourceRange), try lane.send(window, from: mapping, at: position, fallback: destination) {
+      if let chunk = window(position..<end), try lane.send(chunk, from: memory, at: position, fallback: destination) {
         try writeBuffered(upTo: position)
         pending = end
         direct += end - position

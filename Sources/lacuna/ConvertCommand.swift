@@ -211,17 +211,22 @@ struct ConvertCommand: ParsableCommand {
       printError(
         "received \(conversion.input.name) into \(destination): \(statistics.virtualSize) bytes virtual, "
           + "\(streamBytes) stream bytes, \(statistics.bytesRead) data, "
-          + "\(statistics.holeBytes + statistics.holeBytesWritten) in zero records, \(statistics.bytesWritten) written, "
+          + "\(statistics.holeBytes + statistics.holeBytesWritten) in zero records, \(statistics.bytesWritten) written"
+          + (statistics.bytesDirectFromMemory > 0
+            ? " (\(statistics.bytesDirectFromMemory) of them straight to the disk)" : "") + ", "
           + "\(statistics.zeroBytesSkipped) zero bytes skipped, " + seconds, prefix: false)
     } else {
       printError(
         "converted \(source) to \(destination): \(statistics.virtualSize) bytes virtual, "
           + "\(statistics.bytesRead) read, \(statistics.bytesWritten) written"
-          + (statistics.bytesCloned + statistics.bytesCopied + statistics.bytesFromPageCache > 0
+          + (statistics.bytesCloned + statistics.bytesCopied + statistics.bytesFromPageCache
+            + statistics.bytesDirectFromMemory > 0
             ? " (\(statistics.bytesCloned) cloned, \(statistics.bytesCopied) copied by the kernel, "
               + "\(statistics.bytesFromPageCache) from the source's page cache"
               + (statistics.bytesDirect > 0 ? " (\(statistics.bytesDirect) of them straight to the disk), " : ", ")
-              + "\(statistics.bytesWritten - statistics.bytesCloned - statistics.bytesCopied - statistics.bytesFromPageCache) written from memory)"
+              + "\(statistics.bytesWritten - statistics.bytesCloned - statistics.bytesCopied - statistics.bytesFromPageCache) written from memory"
+              + (statistics.bytesDirectFromMemory > 0
+                ? " (\(statistics.bytesDirectFromMemory) of them straight to the disk))" : ")")
             : "")
           + ", "
           + "\(statistics.holeBytes) skipped as holes, \(statistics.zeroBytesSkipped) as zero blocks, "
