@@ -310,12 +310,14 @@ public final class Converter {
     }
     let releaser = PageReleaser()
     // Units hold their buffers (and their compressed or prepared output) until written: up
-    // to 24 MiB of them wait, or two more than the workers when -m asks for more than 10,
+    // to 20 MiB of them wait, or two more than the workers when -m asks for more than 8,
     // so memory does not grow with the cores (with -m 8 and four per worker,
     // --copy-mode=rw of dense data peaked at 87 MiB; W4 zstd -> raw at 126). With a budget
     // of 32 MiB, W4 zstd -> raw peaked at 49 MiB with -m 2 (8 units), 65 with -m 4 and 8
-    // (16 units): each unit is its 2 MiB buffer.
-    let capacity = min(options.threads * 4, max(options.threads + 2, Int((24 << 20) / unit)))
+    // (16 units): each unit is its 2 MiB buffer. With 24 MiB and decompressed units going
+    // to the disk from their buffers (`DirectLane` keeps up to 4 MiB of units), a zstd
+    // qcow2 of W1 to raw with -m 8 peaked at 66 MiB; with 20, at 61-63 (no slower).
+    let capacity = min(options.threads * 4, max(options.threads + 2, Int((20 << 20) / unit)))
     // Data checked where it lies mapped stays mapped until it is written: at most 8 MiB of
     // it waits (`mappedBytes`), whatever the thread count. The workers only look for zero
     // blocks in it, far quicker than the writing thread writes it. W1 qcow2 -> raw on ext4
