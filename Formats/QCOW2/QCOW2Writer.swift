@@ -344,34 +344,45 @@ public final class QCOW2Writer: CopyingPreparingImageWriter {
   /// extents: host clusters and source blocks are both cluster- or block-aligned), in runs
   /// of host-contiguous clusters; the rest is written.
   public func commit(
-    _ prepared: AnyObject, sources: [(range: Range<Int64>, bytes: HostBytes)], mode: CopyMode
+    _ prepared: AnyObject, sources: [(range: Range<Int64>, bytes: HostBytes)], keeping owner: AnyObject?,
+    mode: CopyMode
   ) throws -> CopyTally {
-    guard let unit = prepared as? PlainUnit, let copier else {
+    guard let unit = prepared as? PlainUnit, let copier, !sources.isEmpty || owner != nil else {
       try commit(prepared)
       return CopyTally()
     }
     // The copier writes to the file itself: a lack of room is explained as `write` does.
     if let output = output as? OutputFile {
-      return try output.explainingRoom { try commitCopying(unit, copier: copier, sources: sources, mode: mode) }
+      return try output.explainingRoom {
+        try commitCopying(unit, copier: copier, sources: sources, owner: owner, mode: mode)
+      }
     }
-    return try commitCopying(unit, copier: copier, sources: sources, mode: mode)
+    return try commitCopying(unit, copier: copier, sources: sources, owner: owner, mode: mode)
   }
 
   private func commitCopying(
-    _ unit: PlainUnit, copier: KernelCopier, sources: [(range: Range<Int64>, bytes: HostBytes)], mode: CopyMode
+    _ unit: PlainUnit, copier: KernelCopier, sources: [(range: Range<Int64>, bytes: HostBytes)], owner: AnyObject?,
+    mode: CopyMode
   ) throws -> CopyTally {
     var tally = CopyTally()
     let bits = Int64(clusterBits)
     func bytes(_ range: Range<Int64>) -> UnsafeRawBufferPointer {
       UnsafeRawBufferPointer(rebasing: unit.bytes[Int(range.lowerBound - unit.start)..<Int(range.upperBound - unit.start)])
     }
-    func copy(_ range: Range<Int64>, from source: HostBytes) throws {
+    // Bytes from `source`, or from the unit's buffer (kept by `owner`) when nil.
+    func copy(_ range: Range<Int64>, from source: HostBytes?) throws {
       var pending: (virtual: Int64, host: Int64, count: Int64)?
       func flush() throws {
         guard let run = pending else { return }
-        tally += try copier.write(
-          bytes(run.virtual..<run.virtual + run.count), at: run.host,
-          from: source.advanced(by: run.virtual - range.lowerBound), mode: mode)
+        let runBytes = bytes(run.virtual..<run.virtual + run.count)
+        if let source {
+          tally += try copier.write(
+            runBytes, at: run.host, from: source.advanced(by: run.virtual - range.lowerBound), mode: mode)
+        } else if let owner {
+          tally += try copier.write(runBytes, at: run.host, keeping: owner, mode: mode)
+        } else {
+          try file.write(runBytes, at: run.host)
+        }
         pending = nil
       }
       var position = range.lowerBound
@@ -390,16 +401,19 @@ public final class QCOW2Writer: CopyingPreparingImageWriter {
       }
       try flush()
     }
+    func writeFromMemory(_ range: Range<Int64>) throws {
+      if owner != nil { try copy(range, from: nil) } else { try writeData(bytes(range), at: range.lowerBound) }
+    }
     for range in unit.dataRanges {
       var position = range.lowerBound
       for source in sources where source.range.upperBound > position && source.range.lowerBound < range.upperBound {
         let part = max(source.range.lowerBound, position)..<min(source.range.upperBound, range.upperBound)
-        if part.lowerBound > position { try writeData(bytes(position..<part.lowerBound), at: position) }
+        if part.lowerBound > position { try writeFromMemory(position..<part.lowerBound) }
         try copy(
           part, from: source.bytes.advanced(by: part.lowerBound - source.range.lowerBound))
         position = part.upperBound
       }
-      if position < range.upperBound { try writeData(bytes(position..<range.upperBound), at: position) }
+      if position < range.upperBound { try writeFromMemory(position..<range.upperBound) }
     }
     try committed(upTo: unit.start + Int64(unit.bytes.count))
     return tally

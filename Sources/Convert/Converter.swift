@@ -389,7 +389,7 @@ public final class Converter {
               return
             }
             let tally = try copying.write(bytes(range), at: range.lowerBound, keeping: unit, mode: copyMode)
-            statistics.bytesDirectFromMemory += tally.direct
+            statistics.bytesDirectFromMemory += tally.directFromMemory
           }
           guard let copying, !unit.hostPieces.isEmpty else {
             try writeFromBuffer(run.range)
@@ -433,13 +433,17 @@ public final class Converter {
       }
       if let prepared = filled?.prepared {
         try flushZeros()
-        if let copyingPreparer, let pieces = filled?.hostPieces, !pieces.isEmpty {
+        if let copyingPreparer, let filled {
+          // The unit's buffer lives as long as the unit; a unit checked where it lies
+          // mapped has none to keep.
           let tally = try copyingPreparer.commit(
-            prepared, sources: pieces.map { ($0.range, $0.bytes) }, mode: copyMode)
+            prepared, sources: filled.hostPieces.map { ($0.range, $0.bytes) },
+            keeping: filled.mappedUnit == nil ? filled : nil, mode: copyMode)
           statistics.bytesCloned += tally.cloned
           statistics.bytesCopied += tally.copied
           statistics.bytesFromPageCache += tally.fromPageCache
           statistics.bytesDirect += tally.direct
+          statistics.bytesDirectFromMemory += tally.directFromMemory
         } else {
           try (writer as! PreparingImageWriter).commit(prepared)
         }

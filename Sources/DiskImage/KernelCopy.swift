@@ -36,6 +36,8 @@ public struct CopyTally: Equatable, Sendable {
   public var fromPageCache: Int64 = 0
   /// Of `fromPageCache`, the bytes sent to the disk from there without a copy (`DirectLane`).
   public var direct: Int64 = 0
+  /// Of `written`, the bytes sent to the disk from memory (a unit's buffer) without a copy.
+  public var directFromMemory: Int64 = 0
   /// Written from the bytes read.
   public var written: Int64 = 0
 
@@ -46,6 +48,7 @@ public struct CopyTally: Equatable, Sendable {
     a.copied += b.copied
     a.fromPageCache += b.fromPageCache
     a.direct += b.direct
+    a.directFromMemory += b.directFromMemory
     a.written += b.written
   }
 }
@@ -95,8 +98,13 @@ public protocol CopyingPreparingImageWriter: PreparingImageWriter {
   /// As `CopyingImageWriter.writesMappedBytes(in:)`.
   func writesMappedBytes(in mode: CopyMode) -> Bool
   /// `commit`, taking the parts of the unit's data that lie in `sources` (disk ranges, in
-  /// order, and where each starts in its file) from there. The unit's bytes are valid too.
-  func commit(_ prepared: AnyObject, sources: [(range: Range<Int64>, bytes: HostBytes)], mode: CopyMode) throws -> CopyTally
+  /// order, and where each starts in its file) from there. The unit's bytes are valid too,
+  /// and stay valid and unchanged while `owner` lives, when there is one: the rest may go
+  /// to the disk from them (`KernelCopier.write(_:at:keeping:mode:)`).
+  func commit(
+    _ prepared: AnyObject, sources: [(range: Range<Int64>, bytes: HostBytes)], keeping owner: AnyObject?,
+    mode: CopyMode
+  ) throws -> CopyTally
 }
 
 /// Clones or copies runs of a source file into an output file, falling back to writing.
@@ -280,7 +288,7 @@ public final class KernelCopier {
       try destination.write(bytes, at: offset)
       return tally
     }
-    tally.direct = try writeSharingWithLane(bytes, at: offset, memory: .kept(owner)) { range in
+    tally.directFromMemory = try writeSharingWithLane(bytes, at: offset, memory: .kept(owner)) { range in
       UnsafeRawBufferPointer(start: base + Int(range.lowerBound - offset), count: range.count)
     }
     return tally

@@ -254,8 +254,8 @@ final class SharedExtentTests: QemuTestCase {
   /// Decompressed data goes to the disk straight from the unit's buffer too, on ext4: the
   /// lane keeps the unit until the write is done, so its buffer is not reused under it.
   /// A zstd qcow2 (compressible data, a zero MiB and a run that starts and ends inside
-  /// blocks) to raw, with and without fsync, one thread or two: the same bytes and holes as
-  /// --copy-mode=rw, and some of the data sent direct.
+  /// blocks) to raw, with and without fsync, one thread or two, and to qcow2: the same
+  /// bytes and holes as --copy-mode=rw, and some of the data sent direct.
   func testExt4SendsDecompressedDataStraightToTheDiskToo() throws {
     let mountPoint = try mountScratch("ext4")
     // Compressible: 4 KiB patterns repeated, each with a counter written into it.
@@ -300,6 +300,26 @@ final class SharedExtentTests: QemuTestCase {
       try FileManager.default.removeItem(atPath: output)
     }
     XCTAssertGreaterThan(sentDirect, 0, "some decompressed data went straight to the disk")
+    // The same into an uncompressed qcow2, whose clusters are placed as they come.
+    let qcow2Reference = mountPoint + "/rw.qcow2"
+    let rwQcow2 = try lacuna("convert", "--copy-mode=rw", "-f", "qcow2", "-O", "qcow2", source, qcow2Reference)
+    XCTAssertEqual(rwQcow2.status, 0, rwQcow2.stderr)
+    var sentDirectQcow2: Int64 = 0
+    for flags in [["-t", "unsafe"], ["-m", "1"]] {
+      let output = mountPoint + "/out.qcow2"
+      let outcome = try lacuna(["convert", "--summary"] + flags + ["-f", "qcow2", "-O", "qcow2", source, output])
+      XCTAssertEqual(outcome.status, 0, outcome.stderr)
+      if let match = outcome.stderr.range(
+        of: #"written from memory \((\d+) of them straight to the disk\)"#, options: .regularExpression)
+      {
+        sentDirectQcow2 += Int64(outcome.stderr[match].split(whereSeparator: { !$0.isNumber }).first!)!
+      }
+      XCTAssertEqual(try qemuImg("compare", "-f", "raw", "-F", "qcow2", raw, output).status, 0, "\(flags)")
+      XCTAssertEqual(try runProgram("/usr/bin/cmp", [qcow2Reference, output]).status, 0, "\(flags)")
+      XCTAssertTrue(try qemuImg("check", output).stdout.contains("No errors were found"), "\(flags)")
+      try FileManager.default.removeItem(atPath: output)
+    }
+    XCTAssertGreaterThan(sentDirectQcow2, 0, "qcow2 output: some decompressed data went straight to the disk")
   }
 
   /// Writing from the source's page cache keeps only the pages of the units in flight
