@@ -37,8 +37,9 @@ struct ConvertCommand: ParsableCommand {
       block is read and checked first). --copy-mode=auto (the default) clones where the \
       file system can and writes otherwise; clone insists (an error where it cannot); \
       copy uses copy_file_range; rw always writes the bytes read. --summary says how \
-      many bytes were cloned, copied, and written from the source's page cache (on ext4, \
-      part of them straight to the disk, O_DIRECT, while the rest is copied).
+      many bytes were cloned, copied, and written from the source's page cache or from \
+      memory (decompressed or received data); on ext4 with auto, part of each goes \
+      straight to the disk, O_DIRECT, while the rest is copied.
         lacuna convert --copy-mode=clone -O raw /xfs/disk.img /xfs/copy.img
       """)
 
