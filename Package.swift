@@ -22,8 +22,9 @@ let package = Package(
       name: "CZlib", path: "Sources/CZlib", providers: [.apt(["zlib1g-dev"])]),
     .systemLibrary(
       name: "CZstd", path: "Sources/CZstd", providers: [.apt(["libzstd-dev"])]),
-    .systemLibrary(
-      name: "CLibNBD", path: "Sources/CLibNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
+    // libnbd's header (libnbd-dev) at build time; libnbd.so.0 itself is loaded when an NBD URI
+    // is first used (Sources/CLibNBD/include/CLibNBD.h says why).
+    .target(name: "CLibNBD", path: "Sources/CLibNBD", linkerSettings: [.linkedLibrary("dl")]),
     .target(name: "DiskImage", dependencies: ["CLacunaSys"], path: "Sources/DiskImage"),
     .target(name: "Compression", dependencies: ["DiskImage", "CZlib", "CZstd"], path: "Sources/Compression"),
     .target(name: "Raw", dependencies: ["DiskImage"], path: "Formats/Raw", exclude: ["README.md"]),

@@ -30,41 +30,42 @@ final class NBDConnection {
   let hasDepth: Bool
 
   init(uri: String, timeoutMilliseconds: Int) throws {
-    guard let handle = nbd_create() else { throw NBDConnection.lastError(uri, "cannot start libnbd") }
+    try NBDLibrary.load(for: uri)
+    guard let handle = lacuna_nbd_create() else { throw NBDConnection.lastError(uri, "cannot start libnbd") }
     self.handle = handle
     self.uri = uri
     self.timeoutMilliseconds = timeoutMilliseconds
     do {
-      guard nbd_add_meta_context(handle, "base:allocation") != -1,
-        nbd_add_meta_context(handle, NBDConnection.depthContext) != -1
+      guard lacuna_nbd_add_meta_context(handle, "base:allocation") != -1,
+        lacuna_nbd_add_meta_context(handle, NBDConnection.depthContext) != -1
       else {
         throw NBDConnection.lastError(uri, "cannot ask for block status")
       }
       // The user wrote the URI: files it names (tls-psk-file, tls-certificates) are theirs to
       // name, as on qemu-img's and nbdcopy's command lines.
-      _ = nbd_set_uri_allow_local_file(handle, true)
-      guard nbd_aio_connect_uri(handle, uri) != -1 else { throw NBDConnection.lastError(uri, "cannot connect") }
+      _ = lacuna_nbd_set_uri_allow_local_file(handle, true)
+      guard lacuna_nbd_aio_connect_uri(handle, uri) != -1 else { throw NBDConnection.lastError(uri, "cannot connect") }
       let deadline = NBDConnection.now() + timeoutMilliseconds
-      while nbd_aio_is_connecting(handle) != 0 {
+      while lacuna_nbd_aio_is_connecting(handle) != 0 {
         let remaining = deadline - NBDConnection.now()
         guard remaining > 0 else {
           throw ImageError.invalid(path: uri, "cannot connect: no answer from the server in \(timeoutMilliseconds / 1000) s")
         }
-        guard nbd_poll(handle, Int32(remaining)) != -1 else { throw NBDConnection.lastError(uri, "cannot connect") }
+        guard lacuna_nbd_poll(handle, Int32(remaining)) != -1 else { throw NBDConnection.lastError(uri, "cannot connect") }
       }
-      guard nbd_aio_is_ready(handle) != 0 else { throw NBDConnection.lastError(uri, "cannot connect") }
-      size = nbd_get_size(handle)
+      guard lacuna_nbd_aio_is_ready(handle) != 0 else { throw NBDConnection.lastError(uri, "cannot connect") }
+      size = lacuna_nbd_get_size(handle)
       guard size >= 0 else { throw NBDConnection.lastError(uri, "cannot get the export's size") }
-      let maximum = nbd_get_block_size(handle, Int32(LIBNBD_SIZE_MAXIMUM))
+      let maximum = lacuna_nbd_get_block_size(handle, Int32(LIBNBD_SIZE_MAXIMUM))
       maximumRequest = maximum > 0 ? Int(min(maximum, 32 << 20)) : 32 << 20
-      canZero = nbd_can_zero(handle) == 1
-      canFastZero = nbd_can_fast_zero(handle) == 1
-      canMultiConnect = nbd_can_multi_conn(handle) == 1
-      isReadOnly = nbd_is_read_only(handle) == 1
-      hasAllocation = nbd_can_meta_context(handle, "base:allocation") == 1
-      hasDepth = nbd_can_meta_context(handle, NBDConnection.depthContext) == 1
+      canZero = lacuna_nbd_can_zero(handle) == 1
+      canFastZero = lacuna_nbd_can_fast_zero(handle) == 1
+      canMultiConnect = lacuna_nbd_can_multi_conn(handle) == 1
+      isReadOnly = lacuna_nbd_is_read_only(handle) == 1
+      hasAllocation = lacuna_nbd_can_meta_context(handle, "base:allocation") == 1
+      hasDepth = lacuna_nbd_can_meta_context(handle, NBDConnection.depthContext) == 1
     } catch {
-      nbd_close(handle)
+      lacuna_nbd_close(handle)
       throw error
     }
   }
@@ -72,8 +73,8 @@ final class NBDConnection {
   static let depthContext = "qemu:allocation-depth"
 
   deinit {
-    if nbd_aio_is_ready(handle) != 0 { _ = nbd_shutdown(handle, 0) }
-    nbd_close(handle)
+    if lacuna_nbd_aio_is_ready(handle) != 0 { _ = lacuna_nbd_shutdown(handle, 0) }
+    lacuna_nbd_close(handle)
   }
 
   /// Milliseconds on a clock that only goes forward.
@@ -85,7 +86,7 @@ final class NBDConnection {
 
   /// libnbd's last error on this thread, as one line naming the URI: "URI: WHAT: why".
   static func lastError(_ uri: String, _ what: String) -> ImageError {
-    var message = nbd_get_error().map { String(cString: $0) } ?? "unknown error"
+    var message = lacuna_nbd_get_error().map { String(cString: $0) } ?? "unknown error"
     // libnbd prefixes the function ("nbd_aio_connect_uri: connect: ..."); the user gave no
     // such call.
     if message.hasPrefix("nbd_"), let colon = message.firstIndex(of: ":") {
@@ -97,7 +98,7 @@ final class NBDConnection {
   /// The last error, said plainly when it is that the connection is gone (libnbd then says
   /// "invalid state: DEAD").
   func failure(_ what: String) -> ImageError {
-    if nbd_aio_is_dead(handle) != 0 || nbd_aio_is_closed(handle) != 0 {
+    if lacuna_nbd_aio_is_dead(handle) != 0 || lacuna_nbd_aio_is_closed(handle) != 0 {
       return ImageError.invalid(path: uri, "\(what): the connection to the server was lost")
     }
     return NBDConnection.lastError(uri, what)
@@ -116,11 +117,11 @@ final class NBDConnection {
     guard cookie != -1 else { throw failure(what()) }
     let deadline = NBDConnection.now() + timeoutMilliseconds
     while true {
-      switch nbd_aio_command_completed(handle, UInt64(cookie)) {
+      switch lacuna_nbd_aio_command_completed(handle, UInt64(cookie)) {
       case 1: return 0
       case -1:
-        let code = nbd_get_errno()
-        guard code != 0, nbd_aio_is_dead(handle) == 0, nbd_aio_is_closed(handle) == 0 else { throw failure(what()) }
+        let code = lacuna_nbd_get_errno()
+        guard code != 0, lacuna_nbd_aio_is_dead(handle) == 0, lacuna_nbd_aio_is_closed(handle) == 0 else { throw failure(what()) }
         return code
       default: break
       }
@@ -128,19 +129,19 @@ final class NBDConnection {
       guard remaining > 0 else {
         throw ImageError.invalid(path: uri, "\(what()): no answer from the server in \(timeoutMilliseconds / 1000) s")
       }
-      guard nbd_poll(handle, Int32(remaining)) != -1 else { throw failure(what()) }
+      guard lacuna_nbd_poll(handle, Int32(remaining)) != -1 else { throw failure(what()) }
     }
   }
 
   /// Waits until at most `count` requests are in flight (retiring the ones that are done).
   func drain(to count: Int, _ what: @autoclosure () -> String) throws {
     let deadline = NBDConnection.now() + timeoutMilliseconds
-    while nbd_aio_in_flight(handle) > count {
+    while lacuna_nbd_aio_in_flight(handle) > count {
       let remaining = deadline - NBDConnection.now()
       guard remaining > 0 else {
         throw ImageError.invalid(path: uri, "\(what()): no answer from the server in \(timeoutMilliseconds / 1000) s")
       }
-      guard nbd_poll(handle, Int32(remaining)) != -1 else { throw failure(what()) }
+      guard lacuna_nbd_poll(handle, Int32(remaining)) != -1 else { throw failure(what()) }
     }
   }
 
@@ -153,7 +154,7 @@ final class NBDConnection {
     while done < buffer.count {
       let n = min(buffer.count - done, piece)
       let at = offset + Int64(done)
-      let cookie = nbd_aio_pread(handle, buffer.baseAddress! + done, n, UInt64(at), nbd_completion_callback(), 0)
+      let cookie = lacuna_nbd_aio_pread(handle, buffer.baseAddress! + done, n, UInt64(at), nbd_completion_callback(), 0)
       if cookie == -1 {
         // Let the requests already sent finish before the buffer they fill goes away.
         for sent in cookies { try? wait(sent.cookie, "read") }
@@ -196,7 +197,7 @@ final class NBDConnection {
     // A request covers at most 2 GiB (the protocol's counts are 32 bits).
     let length = UInt64(min(range.count, 1 << 31))
     let cookie = withExtendedLifetime(box) {
-      nbd_aio_block_status(
+      lacuna_nbd_aio_block_status(
         handle, length, UInt64(range.lowerBound),
         nbd_extent_callback(callback: callback, user_data: Unmanaged.passUnretained(box).toOpaque(), free: nil),
         nbd_completion_callback(), 0)
@@ -206,13 +207,23 @@ final class NBDConnection {
   }
 }
 
-/// libnbd as linked into this build.
+/// libnbd, loaded on first use (not linked: see CLibNBD.h).
 public enum NBDLibrary {
-  /// libnbd's version at run time (e.g. "1.14.2"), or nil if it cannot make a handle.
+  /// Loads libnbd for a connection to `uri`; throws, naming the URI and what is missing,
+  /// where it cannot be loaded.
+  static func load(for uri: String) throws {
+    guard lacuna_nbd_load() == 0 else {
+      let why = lacuna_nbd_load_error().map { String(cString: $0) } ?? "libnbd.so.0: cannot load"
+      throw ImageError.unsupported(path: uri, "NBD needs libnbd, which cannot be loaded (\(why)): install Debian's libnbd0")
+    }
+  }
+
+  /// libnbd's version at run time (e.g. "1.14.2"), or nil if it cannot be loaded or cannot
+  /// make a handle.
   public static var version: String? {
-    guard let handle = nbd_create() else { return nil }
-    defer { nbd_close(handle) }
-    guard let text = nbd_get_version(handle) else { return nil }
+    guard lacuna_nbd_load() == 0, let handle = lacuna_nbd_create() else { return nil }
+    defer { lacuna_nbd_close(handle) }
+    guard let text = lacuna_nbd_get_version(handle) else { return nil }
     return String(cString: text)
   }
 }

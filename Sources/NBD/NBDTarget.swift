@@ -182,7 +182,7 @@ public final class NBDTarget: KeepingByteTarget {
       let request = "\(what) \(oldest.range.count) bytes at \(hex(oldest.range.lowerBound))"
       let deadline = NBDConnection.now() + lane.connection.timeoutMilliseconds
       while true {
-        let done = nbd_aio_command_completed(lane.connection.handle, UInt64(oldest.cookie))
+        let done = lacuna_nbd_aio_command_completed(lane.connection.handle, UInt64(oldest.cookie))
         if done == 1 { break }
         if done == -1 { throw ImageError.advised(lane.connection.failure(request), advice: progress) }
         let remaining = deadline - NBDConnection.now()
@@ -208,18 +208,18 @@ public final class NBDTarget: KeepingByteTarget {
   private func pump(timeout: Int32) throws {
     var fds = lanes.map { lane -> pollfd in
       let handle = lane.connection.handle
-      guard nbd_aio_is_dead(handle) == 0, nbd_aio_is_closed(handle) == 0 else { return pollfd(fd: -1, events: 0, revents: 0) }
-      let direction = nbd_aio_get_direction(handle)
+      guard lacuna_nbd_aio_is_dead(handle) == 0, lacuna_nbd_aio_is_closed(handle) == 0 else { return pollfd(fd: -1, events: 0, revents: 0) }
+      let direction = lacuna_nbd_aio_get_direction(handle)
       var events: Int16 = 0
       if direction & UInt32(LIBNBD_AIO_DIRECTION_READ) != 0 { events |= Int16(POLLIN) }
       if direction & UInt32(LIBNBD_AIO_DIRECTION_WRITE) != 0 { events |= Int16(POLLOUT) }
-      return pollfd(fd: nbd_aio_get_fd(handle), events: events, revents: 0)
+      return pollfd(fd: lacuna_nbd_aio_get_fd(handle), events: events, revents: 0)
     }
     guard poll(&fds, nfds_t(fds.count), timeout) > 0 else { return }
     for (lane, fd) in zip(lanes, fds) where fd.revents != 0 {
-      if fd.revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 { _ = nbd_aio_notify_read(lane.connection.handle) }
-      if fd.revents & Int16(POLLOUT) != 0, nbd_aio_is_dead(lane.connection.handle) == 0 {
-        _ = nbd_aio_notify_write(lane.connection.handle)
+      if fd.revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 { _ = lacuna_nbd_aio_notify_read(lane.connection.handle) }
+      if fd.revents & Int16(POLLOUT) != 0, lacuna_nbd_aio_is_dead(lane.connection.handle) == 0 {
+        _ = lacuna_nbd_aio_notify_write(lane.connection.handle)
       }
     }
   }
@@ -252,7 +252,7 @@ public final class NBDTarget: KeepingByteTarget {
       buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: bytes[done..<done + n]))
       let at = offset + Int64(done)
       try send(range: at..<at + Int64(n), buffer: buffer, bytes: n, what: "write \(n) bytes at \(hex(at))") {
-        nbd_aio_pwrite($0, buffer.baseAddress!, n, UInt64(at), nbd_completion_callback(), 0)
+        lacuna_nbd_aio_pwrite($0, buffer.baseAddress!, n, UInt64(at), nbd_completion_callback(), 0)
       }
       done += n
     }
@@ -274,7 +274,7 @@ public final class NBDTarget: KeepingByteTarget {
       let at = offset + Int64(done)
       let start = bytes.baseAddress! + done
       try send(range: at..<at + Int64(n), buffer: nil, owner: owner, bytes: n, what: "write \(n) bytes at \(hex(at))") {
-        nbd_aio_pwrite($0, UnsafeMutableRawPointer(mutating: start), n, UInt64(at), nbd_completion_callback(), 0)
+        lacuna_nbd_aio_pwrite($0, UnsafeMutableRawPointer(mutating: start), n, UInt64(at), nbd_completion_callback(), 0)
       }
       done += n
     }
@@ -298,7 +298,7 @@ public final class NBDTarget: KeepingByteTarget {
       // Without NBD_CMD_FLAG_NO_HOLE the server may trim: the range reads as zeros and
       // takes no storage where the export can do that.
       try send(range: at..<at + n, buffer: nil, what: "zero \(n) bytes at \(hex(at))") {
-        nbd_aio_zero($0, UInt64(n), UInt64(at), nbd_completion_callback(), 0)
+        lacuna_nbd_aio_zero($0, UInt64(n), UInt64(at), nbd_completion_callback(), 0)
       }
       position += n
     }
@@ -313,7 +313,7 @@ public final class NBDTarget: KeepingByteTarget {
     var position: Int64 = 0
     while position < connection.size {
       let n = min(connection.size - position, 1 << 30)
-      let cookie = nbd_aio_zero(
+      let cookie = lacuna_nbd_aio_zero(
         connection.handle, UInt64(n), UInt64(position), nbd_completion_callback(), UInt32(LIBNBD_CMD_FLAG_FAST_ZERO))
       cookies.append((cookie, position))
       position += n
@@ -380,8 +380,8 @@ public final class NBDTarget: KeepingByteTarget {
   public func flush() throws {
     try zeroIfPending()
     try retireAll()
-    guard nbd_can_flush(connection.handle) == 1 else { return }
-    let cookie = nbd_aio_flush(connection.handle, nbd_completion_callback(), 0)
+    guard lacuna_nbd_can_flush(connection.handle) == 1 else { return }
+    let cookie = lacuna_nbd_aio_flush(connection.handle, nbd_completion_callback(), 0)
     try connection.wait(cookie, "flush")
   }
 

@@ -36,12 +36,17 @@ struct Lacuna: ParsableCommand {
         lacuna map --output=json disk.img
         lacuna compare disk.img disk.qcow2
       """,
-    version: versionText(),
+    // What swift-argument-parser prints for --version, wherever it is given; main.swift
+    // prints `versionText()` in its place, so that libnbd loads only when asked for.
+    version: versionLine,
     subcommands: [
       CheckCommand.self, CompareCommand.self, ConvertCommand.self, CreateCommand.self, InfoCommand.self, MapCommand.self,
       MeasureCommand.self, SparsifyCommand.self, StreamReceiverCommand.self,
     ])
 }
+
+/// The first line of `--version`, and the cheap stand-in for it that the parser holds.
+let versionLine = "lacuna version \(Lacuna.version)"
 
 /// What `--version` prints: the version, as qemu-img prints its own, then what this build
 /// reads and writes and the libraries it runs with (their versions asked of them at run
@@ -50,7 +55,7 @@ func versionText() -> String {
   let writable = registry.all.filter { $0.create != nil }.map(\.name).sorted()
   let readOnly = registry.all.filter { $0.create == nil }.map(\.name).sorted()
   var lines = [
-    "lacuna version \(Lacuna.version)",
+    versionLine,
     "Formats (read and write): " + writable.joined(separator: " "),
   ]
   if !readOnly.isEmpty { lines.append("Formats (read only): " + readOnly.joined(separator: " ")) }

@@ -25,7 +25,15 @@ do {
   exit(error.status)
 } catch {
   let code = Lacuna.exitCode(for: error)
-  if code == .success { Lacuna.exit(withError: error) }
+  if code == .success {
+    // --version: the parser has the first line only; the rest asks the libraries, libnbd
+    // among them, which is loaded for that and for NBD URIs only.
+    if Lacuna.fullMessage(for: error) == versionLine {
+      print(versionText())
+      exit(0)
+    }
+    Lacuna.exit(withError: error)
+  }
   let message = Lacuna.fullMessage(for: error)
   printError(message.isEmpty ? String(describing: error) : message, prefix: false)
   exit(code == .validationFailure ? 2 : code.rawValue)
