@@ -58,6 +58,27 @@ final class ExtentTests: XCTestCase {
     }
   }
 
+  /// Every position of a non-zero byte, for lengths around the 256-byte steps of the
+  /// vector scan and its byte tail, from starts that are not aligned: each bit alone.
+  func testIsAllZeroFindsAnyByteAtAnyAlignment() {
+    var storage = [UInt8](repeating: 0, count: 1100)
+    for start in [0, 1, 31] {
+      for length in [255, 256, 257, 511, 512, 700, 1024] {
+        storage.withUnsafeBytes { whole in
+          XCTAssertTrue(isAllZero(UnsafeRawBufferPointer(rebasing: whole[start..<start + length])))
+        }
+        for position in 0..<length {
+          for bit in [0, 7] where position % 64 == 0 || bit == 0 {
+            storage[start + position] = 1 << bit
+            let zero = storage.withUnsafeBytes { isAllZero(UnsafeRawBufferPointer(rebasing: $0[start..<start + length])) }
+            XCTAssertFalse(zero, "non-zero \(1 << bit) at \(position) of \(length) from \(start)")
+            storage[start + position] = 0
+          }
+        }
+      }
+    }
+  }
+
   func testZeroRunsAlignToTheDiskNotTheBuffer() {
     // A buffer for disk range 1000..<13288 (12288 bytes), blocks of 4096 aligned to the disk:
     // 1000..<4096 (partial), 4096..<8192, 8192..<12288, 12288..<13288 (partial).
