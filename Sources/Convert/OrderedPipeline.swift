@@ -7,6 +7,12 @@ import FoundationEssentials
 /// which bounds memory by the work in flight, never by the size of the disk.
 final class OrderedPipeline<Input, Output> {
   private let lock = Lock()
+  /// Where the taking thread waits for the result it needs next; a worker that finishes
+  /// another wakes nobody. (With one condition for everything, each finished job woke
+  /// the taker and the idle workers alike, to find nothing to do: 1,700 context switches
+  /// in a 50 ms conversion.)
+  private let resultReady = Lock.Condition()
+  private var takerWaiting = false
   private var queue: [(Int, Input)] = []
   private var queueHead = 0
   private var finished: [Int: Result<Output, Error>] = [:]
@@ -44,7 +50,11 @@ final class OrderedPipeline<Input, Output> {
   /// The result of the oldest job not yet taken, waiting for it if needed.
   func takeNext() throws -> Output {
     let result = lock.withLock {
-      while finished[nextTake] == nil { lock.wait() }
+      while finished[nextTake] == nil {
+        takerWaiting = true
+        lock.wait(for: resultReady)
+        takerWaiting = false
+      }
       let result = finished.removeValue(forKey: nextTake)!
       nextTake += 1
       return result
@@ -68,7 +78,7 @@ final class OrderedPipeline<Input, Output> {
       let result = Result { try work(input) }
       lock.withLock {
         finished[sequence] = result
-        lock.broadcast()
+        if takerWaiting && sequence == nextTake { resultReady.signal() }
       }
     }
     lock.withLock {

@@ -38,6 +38,28 @@ public final class Lock: @unchecked Sendable {
 
   /// Wakes one thread waiting in `wait` (call it when any one waiter can take what came).
   public func signal() { pthread_cond_signal(condition) }
+
+  /// A second condition under the same lock, for a thread that waits for something other
+  /// than what the others wait for (so that waking it wakes no one else).
+  public final class Condition: @unchecked Sendable {
+    fileprivate let condition: UnsafeMutablePointer<pthread_cond_t>
+
+    public init() {
+      condition = .allocate(capacity: 1)
+      pthread_cond_init(condition, nil)
+    }
+
+    deinit {
+      pthread_cond_destroy(condition)
+      condition.deallocate()
+    }
+
+    /// Wakes one thread waiting on this condition; call with the lock held.
+    public func signal() { pthread_cond_signal(condition) }
+  }
+
+  /// Waits until `condition` is signalled; call only inside `withLock`, in a loop.
+  public func wait(for condition: Condition) { pthread_cond_wait(condition.condition, mutex) }
 }
 
 /// Starts `body` on a new detached thread with a stack of `stackSize` bytes (POSIX threads:
