@@ -68,6 +68,12 @@ final class DirectLane {
   private var keptInFlight = 0
   /// The largest single direct write.
   static let chunk = 1 << 20
+  /// The smallest run sent direct; shorter ones are copied by the writing thread. Each
+  /// direct write allocates its blocks under the inode's lock and each completion drops
+  /// its pages' tables (a madvise): W2's 4 KiB extents went direct one by one, 64,000 of
+  /// them, and W2 raw -> raw took 1.60 s (2.4 s of CPU time), 0.55 (0.8) with this bound.
+  /// W1's extents (64 KiB and more) still go direct.
+  static let smallest: Int64 = 64 << 10
 
   /// At most this many writes in flight (the ring's size).
   static let slots = 32

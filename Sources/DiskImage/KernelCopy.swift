@@ -309,7 +309,7 @@ public final class KernelCopier {
       triedDirectLane = true
       directLane = DirectLane(destination: destination)
     }
-    guard let lane = directLane, lane.isOpen, tail - head >= align,
+    guard let lane = directLane, lane.isOpen, tail - head >= max(align, DirectLane.smallest),
       let first = window(head..<head + align), Int(bitPattern: first.baseAddress) % Int(align) == 0
     else {
       try destination.write(bytes, at: offset)
@@ -436,24 +436,32 @@ public final class FileMapping: @unchecked Sendable {
     return UnsafeRawBufferPointer(start: base + Int(range.lowerBound), count: range.count)
   }
 
-  /// The bytes of `range` of the file (inside it), about to be read. Where its first page is
-  /// not in the page cache, the whole range is asked for at once (MADV_WILLNEED: large
-  /// reads in flight together) rather than fault by fault, where the kernel reads 128 KiB
-  /// around each faulting page and waits for it: a cold W1 raw -> raw on ext4 took 2.6-4.3 s
-  /// that way (qemu-img 1.4-1.9), 1.45-1.7 s now. Only the range itself: asking beyond it
-  /// reads the source's holes into the page cache as zero pages (8 MiB more: 2.1 s, 32 MiB:
-  /// 4.4). The page tables are left to the faults of the scan that follows: filling them
-  /// first in one call (MADV_POPULATE_READ) took 4 ms more CPU time on a warm XFS W1 raw ->
-  /// raw (83 against 87 ms) and made cold reads slower still (3-5.5 s).
+  /// The bytes of `range` of the file (inside it), about to be read. Their page tables are
+  /// left to the faults of the scan that follows: filling them first in one call
+  /// (MADV_POPULATE_READ) took 4 ms more CPU time on a warm XFS W1 raw -> raw (83 against
+  /// 87 ms), and on a cold source it read fault by fault (3-5.5 s where `prefetch` now
+  /// makes it 1.1-1.3).
   public func bytes(_ range: Range<Int64>) -> UnsafeRawBufferPointer? {
     guard range.lowerBound >= 0, range.upperBound <= Int64(length), !range.isEmpty else { return nil }
-    let page = Int64(4096)
-    let start = range.lowerBound / page * page
-    var resident: UInt8 = 0
-    if mincore(base + Int(start), 1, &resident) == 0, resident & 1 == 0 {
-      _ = madvise(base + Int(start), Int(range.upperBound - start), MADV_WILLNEED)
-    }
     return UnsafeRawBufferPointer(start: base + Int(range.lowerBound), count: range.count)
+  }
+
+  /// Whether the page holding `offset` is in the page cache (being read counts).
+  public func isCached(_ offset: Int64) -> Bool {
+    guard offset >= 0, offset < Int64(length) else { return true }
+    var resident: UInt8 = 0
+    return mincore(base + Int(offset / 4096 * 4096), 1, &resident) != 0 || resident & 1 != 0
+  }
+
+  /// Asks the kernel to read `range` into the page cache now, in large requests, without
+  /// waiting for them (MADV_WILLNEED), for a scan that comes later. Left to the scan's
+  /// faults, the kernel reads 128 KiB around each faulting page and waits for it. Only
+  /// data ranges: asked for, the holes of a sparse file are read too, as pages of zeros.
+  public func prefetch(_ range: Range<Int64>) {
+    let start = max(range.lowerBound, 0) / 4096 * 4096
+    let end = min(range.upperBound, Int64(length))
+    guard end > start else { return }
+    _ = madvise(base + Int(start), Int(end - start), MADV_WILLNEED)
   }
 
   /// How far around a faulting address the kernel maps pages already in the page cache
