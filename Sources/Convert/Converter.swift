@@ -537,7 +537,7 @@ public final class Converter {
     /// pipeline are read together in large requests while the workers check the ones
     /// before (`FileMapping.prefetch`), and further ahead (`prefetchAhead`). Cold W1 raw
     /// -> raw on ext4 took 2.6-4.3 s read fault by fault on the workers (qemu-img
-    /// 1.3-2.7), 1.4-1.7 with each worker asking for its own unit, 1.04-1.16 now. One
+    /// 1.3-3.5), 1.4-1.7 with each worker asking for its own unit, 1.04-1.16 now. One
     /// mincore per unit decides (per segment, W2's 100,000 extents made 132,000 calls).
     func prefetch(_ segments: [Segment]) {
       var cold: Bool?
