@@ -329,8 +329,15 @@ public final class Converter {
     // blocks in it, far quicker than the writing thread writes it. W1 qcow2 -> raw on ext4
     // peaked at 44 MiB against 51 with 16 MiB (medians of 13, no slower), and -m 8 of
     // dense data at 47 against 108. Compressed units hold no mapped data: they still fill
-    // the pipeline, so many workers can decompress at once.
-    let mappedLimit: Int64 = 8 << 20
+    // the pipeline, so many workers can decompress at once. Where the writer clones or
+    // the kernel copies (it never writes the mapped bytes), 8 MiB left the workers waiting
+    // for jobs while the writing thread waited for the oldest unit (`perf` sched_switch
+    // stacks): with 16 MiB, `script/bench --fs xfs,btrfs --runs 5` took 0.046 s for W1
+    // raw -> raw on XFS (0.049-0.050 before), 0.039 for qcow2 -> raw (0.049), 0.073 and
+    // 0.057 on btrfs (0.077, 0.061), peaking at 34-40 MiB (30-31 before; -m 8: 39).
+    let writesMapped =
+      copying?.writesMappedBytes(in: copyMode) ?? copyingPreparer?.writesMappedBytes(in: copyMode) ?? true
+    let mappedLimit: Int64 = (writesMapped ? 8 : 16) << 20
     let pipeline = OrderedPipeline<Job, FilledUnit>(
       threads: options.threads, capacity: capacity
     ) { [writer, checkReceived] job in
