@@ -302,7 +302,7 @@ public final class Converter {
     // then, in runs (`release`): one madvise per run, not per unit, and each is a TLB
     // shootdown. Dropped per unit on the workers, where the kernel clones or copies from
     // the file, W1 raw -> raw on XFS took 0.061 s, now 0.053 (medians of 9). At most
-    // 8 MiB of them wait for the writer (`mappedLimit`).
+    // 8 MiB of them wait for the writer (`mappedLimit`). (Not where `spanning` is set.)
     // One mapping per layer file, made once; kept (so the pointers stay valid) until the end.
     let mappings: [FileMapping?] =
       mapSources ? (chain?.layers.map { $0.plainHostFile.flatMap { FileMapping(file: $0) } } ?? []) : []
@@ -332,12 +332,27 @@ public final class Converter {
     // the pipeline, so many workers can decompress at once. Where the writer clones or
     // the kernel copies (it never writes the mapped bytes), 8 MiB left the workers waiting
     // for jobs while the writing thread waited for the oldest unit (`perf` sched_switch
-    // stacks): with 16 MiB, `script/bench --fs xfs,btrfs --runs 5` took 0.046 s for W1
-    // raw -> raw on XFS (0.049-0.050 before), 0.039 for qcow2 -> raw (0.049), 0.073 and
-    // 0.057 on btrfs (0.077, 0.061), peaking at 34-40 MiB (30-31 before; -m 8: 39).
+    // stacks): with 16 MiB, W1 raw -> qcow2 on XFS took 0.046 s against 0.051. Raw output
+    // there goes further (`spanning`, below).
     let writesMapped =
       copying?.writesMappedBytes(in: copyMode) ?? copyingPreparer?.writesMappedBytes(in: copyMode) ?? true
-    let mappedLimit: Int64 = (writesMapped ? 8 : 16) << 20
+    // Where the writer takes nothing from the mapped pages (it clones, or the kernel
+    // copies from the file) and prepares nothing from them, a worker drops the pages it
+    // checked as soon as it has, and a unit goes on past the unit size while it holds
+    // only such data and zeros (`Spanning`): up to 16 MiB of it with 2 threads, 32 MiB
+    // shared by the threads, so that the pages being checked stay under 32 MiB. Those
+    // pages then hold no memory while the units wait for the writer: 64 MiB of them may
+    // wait. Before, W1 raw -> raw on XFS went in 1,100 units of at most 2 MiB, each
+    // handed between threads twice, their pages mapped until written: 45 ms against 35-37
+    // now, in alternating runs where `qemu-img convert -C` took 33-37 (medians of 7),
+    // peaking at 36 MiB against 30-39 (8 MiB units: 37 ms, 16: 35, 32: 35).
+    let spanning: Spanning? =
+      mapSources && !writesMapped && !preparing
+      ? Spanning(
+        data: max(unit, min(16 << 20, (32 << 20) / Int64(max(options.threads, 1)))),
+        layers: Set(mappings.indices.filter { mappings[$0] != nil }))
+      : nil
+    let mappedLimit: Int64 = spanning != nil ? 64 << 20 : (writesMapped ? 8 : 16) << 20
     let pipeline = OrderedPipeline<Job, FilledUnit>(
       threads: options.threads, capacity: capacity
     ) { [writer, checkReceived] job in
@@ -345,6 +360,7 @@ public final class Converter {
       let filled = try Converter.fill(
         job, chain: chain, sparseSize: sparseSize, pool: pool, base: base, granularity: granularity,
         mappings: mappings, wholeUnit: preparing, checkReceived: checkReceived)
+      if spanning != nil { Converter.release(filled.hostPieces) }
       if let preparing = writer as? PreparingImageWriter {
         filled.prepared = try preparing.prepare(
           filled.mappedUnit ?? UnsafeRawBufferPointer(rebasing: filled.buffer[0..<filled.length]), at: filled.start,
@@ -521,7 +537,9 @@ public final class Converter {
         statistics.bytesRead += filled.bytesRead
         statistics.holeBytesWritten += filled.filledBytes
         try writeRuns(filled.runs, from: filled)
-        for piece in filled.hostPieces { release(piece) }
+        if spanning == nil {
+          for piece in filled.hostPieces { release(piece) }
+        }
       }
       if waitingHead > 1024 && waitingHead * 2 > waiting.count {
         waiting.removeFirst(waitingHead)
@@ -621,7 +639,7 @@ public final class Converter {
         case .extents(let extents):
           segments = Converter.plan(extents, writeZeroBlocks: sparseSize == 0, hostFiles: hostFiles())
         }
-        let items = Converter.items(segments, unit: unit, granularity: granularity)
+        let items = Converter.items(segments, unit: unit, granularity: granularity, spanning: spanning)
         guard mapSources else {
           for item in items { try enqueue(item) }
           continue
@@ -737,10 +755,30 @@ public final class Converter {
   /// Cuts a window's plan into writer steps: each unit-sized, unit-aligned chunk of the
   /// disk that holds any data becomes one unit covering the whole chunk (so a unit never
   /// splits a cluster); chunks without data pass straight to the writer as runs.
-  static func items(_ plan: [Segment], unit: Int64, granularity: Int64) -> [Item] {
+  /// Units that go on past a unit boundary while all they hold is data the workers check
+  /// where it lies mapped (in `layers`) and zeros, until they hold `data` bytes of it or
+  /// span `reach` of the disk: fewer, larger units where a unit costs only the scan.
+  struct Spanning {
+    var data: Int64
+    var layers: Set<Int>
+    static let reach: Int64 = 64 << 20
+
+    func holds(_ segment: Segment) -> Bool {
+      switch segment.source {
+      case .zero: return true
+      case .layer(let depth): return segment.hostOffset != nil && layers.contains(depth)
+      default: return false
+      }
+    }
+  }
+
+  static func items(_ plan: [Segment], unit: Int64, granularity: Int64, spanning: Spanning? = nil) -> [Item] {
     var items: [Item] = []
     var chunk: [Segment] = []
     var chunkEnd: Int64 = -1
+    var chunkStart: Int64 = 0
+    var chunkData: Int64 = 0
+    var chunkSpans = true  // every segment of `chunk` is one `spanning` holds
 
     func appendRuns(_ runs: [Run]) {
       if case .runs(let previous)? = items.last {
@@ -768,10 +806,20 @@ public final class Converter {
     for step in plan {
       let source = step.source
       var position = step.range.lowerBound
+      let spans = spanning?.holds(step) ?? false
       while position < step.range.upperBound {
         if position >= chunkEnd {
-          flush()
-          chunkEnd = nextBoundary(after: position, step: unit, limit: Int64.max)
+          if let spanning, spans, chunkSpans, !chunk.isEmpty, chunkData < spanning.data,
+            position - chunkStart < Spanning.reach
+          {
+            chunkEnd = nextBoundary(after: position, step: unit, limit: Int64.max)
+          } else {
+            flush()
+            chunkStart = position
+            chunkData = 0
+            chunkSpans = true
+            chunkEnd = nextBoundary(after: position, step: unit, limit: Int64.max)
+          }
         }
         // Whole chunks without data go to the writer as one run: the cost follows the
         // extents, not the size of the disk.
@@ -785,6 +833,8 @@ public final class Converter {
           }
         }
         let end = min(step.range.upperBound, chunkEnd)
+        if source.hasData { chunkData += end - position }
+        chunkSpans = chunkSpans && spans
         chunk.appendMerging(
           Segment(
             range: position..<end, source: source,
@@ -850,7 +900,15 @@ public final class Converter {
       mappedUnit = wholeUnitMapping(segments, mappings: mappings)
       if mappedUnit == nil { mappings = [] }
     }
-    let buffer = job.buffer ?? pool.take(Int(end - start))
+    // Taken when a segment needs it: a unit whose data is all checked where it lies
+    // mapped never touches its buffer, and a spanning unit (`Spanning`) may be larger
+    // than the pool's buffers.
+    var buffer = job.buffer
+    func room(_ segment: Segment) -> UnsafeMutableRawBufferPointer {
+      if buffer == nil { buffer = pool.take(Int(end - start)) }
+      return UnsafeMutableRawBufferPointer(
+        rebasing: buffer![Int(segment.range.lowerBound - start)..<Int(segment.range.upperBound - start)])
+    }
     var runs: [Run] = []
     var bytesRead: Int64 = 0
     var filledBytes: Int64 = 0
@@ -862,8 +920,7 @@ public final class Converter {
     }
     do {
       for segment in segments {
-        let slice = UnsafeMutableRawBufferPointer(
-          rebasing: buffer[Int(segment.range.lowerBound - start)..<Int(segment.range.upperBound - start)])
+        let count = Int64(segment.range.count)
         switch segment.source {
         case .layer(let depth):
           // Data the writer may take from the source file by the kernel is checked for
@@ -872,42 +929,48 @@ public final class Converter {
           if let host = segment.hostOffset, let file = chain!.layers[depth].plainHostFile {
             let scanned =
               depth < mappings.count
-              ? try mappings[depth]?.zeroRuns(
-                host..<host + Int64(slice.count), at: segment.range.lowerBound, blockSize: sparseSize) : nil
+              ? try mappings[depth]?.zeroRuns(host..<host + count, at: segment.range.lowerBound, blockSize: sparseSize)
+              : nil
             let mapped = scanned?.bytes
             if let scanned {
               for piece in scanned.runs {
                 runs.append(Run(range: piece.range, kind: piece.isZero ? .zero : .data, scanned: true))
               }
             } else {
+              let slice = room(segment)
               try chain!.layers[depth].read(into: slice, at: segment.range.lowerBound)
               scan(slice, at: segment.range.lowerBound)
             }
-            bytesRead += Int64(slice.count)
+            bytesRead += count
             hostPieces.append(
               HostPiece(
                 range: segment.range, bytes: HostBytes(file: file, offset: host, mapping: mapped == nil ? nil : mappings[depth]),
                 mapped: mapped))
             break
           }
+          let slice = room(segment)
           try chain!.layers[depth].read(into: slice, at: segment.range.lowerBound)
-          bytesRead += Int64(slice.count)
+          bytesRead += count
           scan(slice, at: segment.range.lowerBound)
         case .chain:
+          let slice = room(segment)
           try chain!.read(into: slice, at: segment.range.lowerBound)
-          bytesRead += Int64(slice.count)
+          bytesRead += count
           scan(slice, at: segment.range.lowerBound)
         case .received:
-          bytesRead += Int64(slice.count)
+          let slice = room(segment)
+          bytesRead += count
           checkReceived?(UnsafeRawBufferPointer(slice), segment.range.lowerBound)
           scan(slice, at: segment.range.lowerBound)
         case .zeroFilled:
+          let slice = room(segment)
           slice.initializeMemory(as: UInt8.self, repeating: 0)
-          filledBytes += Int64(slice.count)
+          filledBytes += count
           scan(slice, at: segment.range.lowerBound)
         case .compare:
+          let slice = room(segment)
           try chain!.read(into: slice, at: segment.range.lowerBound)
-          bytesRead += Int64(slice.count)
+          bytesRead += count
           runs += try compareWithBase(
             slice, at: segment.range.lowerBound, base: base!, granularity: granularity, sparseSize: sparseSize)
         case .zero:
@@ -917,15 +980,40 @@ public final class Converter {
         }
       }
     } catch {
-      pool.give(buffer)
+      if let buffer { pool.give(buffer) }
       throw error
     }
+    // A unit that needed no buffer still holds one of the pool's (never touched): the
+    // writer reads only its host pieces then.
     let filled = FilledUnit(
-      start: start, buffer: buffer, length: Int(end - start), pool: pool, runs: runs.merged(), bytesRead: bytesRead)
+      start: start, buffer: buffer ?? pool.take(min(Int(end - start), pool.size)), length: Int(end - start),
+      pool: pool, runs: runs.merged(), bytesRead: bytesRead)
     filled.filledBytes = filledBytes
     filled.hostPieces = hostPieces
     filled.mappedUnit = mappedUnit
     return filled
+  }
+
+  /// Drops the page tables of a unit's mapped pieces (`FileMapping.release`), in runs:
+  /// pieces that follow each other in the same mapping go in one call with the gap
+  /// between them (a hole of the file, which maps nothing), as each call interrupts the
+  /// other processors to flush their TLBs.
+  static func release(_ pieces: [HostPiece]) {
+    var open: (mapping: FileMapping, start: UnsafeRawPointer, end: UnsafeRawPointer)?
+    func close() {
+      if let run = open { run.mapping.release(UnsafeRawBufferPointer(start: run.start, count: run.end - run.start)) }
+      open = nil
+    }
+    for piece in pieces {
+      guard let mapped = piece.mapped, let mapping = piece.mapping, let start = mapped.baseAddress else { continue }
+      if let run = open, run.mapping === mapping, start >= run.end, start - run.end < Int(Spanning.reach) {
+        open!.end = start + mapped.count
+      } else {
+        close()
+        open = (mapping, start, start + mapped.count)
+      }
+    }
+    close()
   }
 
   /// The mapped bytes that hold the whole unit `segments` covers, when every data

@@ -146,9 +146,10 @@ final class SharedExtentTests: QemuTestCase {
 
   func testBtrfsSharesExtents() throws { try checkCloning(on: "btrfs") }
 
-  /// Where the writer clones, more checked data may wait for it (16 MiB, against 8 where
-  /// it writes the mapped bytes), and memory stays bounded all the same: 192 MiB of data
-  /// (1 MiB every 2 MiB) cloned on XFS with 2 and 8 threads peaks under 64 MiB.
+  /// Where the writer clones, units span up to 8 MiB of data and up to 64 MiB of them
+  /// may wait for the writer, but each worker drops the pages it checked at once: 192 MiB
+  /// of data (1 MiB every 2 MiB) cloned on XFS with 2 and 8 threads peaks under 64 MiB
+  /// (222 MiB when the pages stay mapped).
   func testCloningKeepsMemoryBounded() throws {
     let mountPoint = try mountScratch("xfs")
     let source = mountPoint + "/dense.raw"
