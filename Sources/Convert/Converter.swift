@@ -563,16 +563,21 @@ public final class Converter {
     /// before (`FileMapping.prefetch`), and further ahead (`prefetchAhead`). Cold W1 raw
     /// -> raw on ext4 took 2.6-4.3 s read fault by fault on the workers (qemu-img
     /// 1.3-3.5), 1.4-1.7 with each worker asking for its own unit, 1.04-1.16 now. One
-    /// mincore per unit decides (per segment, W2's 100,000 extents made 132,000 calls).
+    /// mincore per unit size of the disk decides (per segment, W2's 100,000 extents made
+    /// 132,000 calls): a spanning unit (`Spanning`) is decided stretch by stretch, as
+    /// its first page, read ahead with the unit before, says nothing of the rest.
     func prefetch(_ segments: [Segment]) {
-      var cold: Bool?
+      var cold = false
+      var decidedUpTo = Int64.min  // the disk position the last decision covers
       for segment in segments {
         guard case .layer(let depth) = segment.source, let host = segment.hostOffset, depth < mappings.count,
           let mapping = mappings[depth]
         else { continue }
-        if cold == nil { cold = !mapping.isCached(host) }
-        guard cold == true else { return }
-        mapping.prefetch(host..<host + Int64(segment.range.count))
+        if segment.range.lowerBound >= decidedUpTo {
+          cold = !mapping.isCached(host)
+          decidedUpTo = segment.range.lowerBound + unit
+        }
+        if cold { mapping.prefetch(host..<host + Int64(segment.range.count)) }
       }
     }
 

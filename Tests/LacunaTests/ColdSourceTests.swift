@@ -80,4 +80,38 @@ final class ColdSourceTests: QemuTestCase {
     XCTAssertFalse(warm.contains { $0.advice == "MADV_WILLNEED" }, "\(warm)")
     XCTAssertFalse(warm.contains { $0.advice.contains("POPULATE") }, "\(warm)")
   }
+
+  /// Where lacuna clones (XFS), a unit spans up to 16 MiB of data over up to 64 MiB of the
+  /// disk, and its first page says nothing of the rest: whether data is asked for is
+  /// decided for each 2 MiB of the disk. A source whose first 8 MiB extent is in the
+  /// page cache and whose 3 MiB and 1 MiB ones (40 and 50 MiB in) are not: those 4 MiB are
+  /// asked for, the 8 MiB are not. (Decided on a unit's first page, nothing was asked for.)
+  func testAPartlyColdSourceIsAskedForWhereItIsColdInsideAUnit() throws {
+    let strace = try requireProgram("strace", skipping: "strace is not installed (apt-get install strace)")
+    let mountPoint = try mountScratch("xfs")
+    let source = mountPoint + "/src.raw"
+    try makeSparseFile(
+      source, size: 256 << 20,
+      pieces: [
+        (1 << 20, patternBytes(8 << 20, seed: 21)), (40 << 20, patternBytes(3 << 20, seed: 22)),
+        (50 << 20, patternBytes(1 << 20, seed: 23)),
+      ])
+    guard evict(source) else { throw XCTSkip("the page cache keeps \(source) here: nothing is cold") }
+    let handle = try XCTUnwrap(FileHandle(forReadingAtPath: source))
+    try handle.seek(toOffset: 1 << 20)
+    XCTAssertEqual(try handle.read(upToCount: 8 << 20)?.count, 8 << 20)
+    try handle.close()
+
+    let output = mountPoint + "/out.raw"
+    let trace = path("partly-cold.trace")
+    let outcome = try runProgram(
+      strace, ["-f", "-e", "trace=madvise", "-o", trace, try lacunaBinary(), "convert", "--summary", "-O", "raw", source, output])
+    XCTAssertEqual(outcome.status, 0, outcome.stderr)
+    XCTAssertTrue(outcome.stderr.contains("\(12 << 20) cloned"), outcome.stderr)
+    XCTAssertEqual(try qemuImg("compare", "-f", "raw", "-F", "raw", source, output).status, 0)
+    let asked = try advice(trace).filter { $0.advice == "MADV_WILLNEED" }
+    let total = asked.reduce(0) { $0 + $1.length }
+    XCTAssertGreaterThanOrEqual(total, 4 << 20, "\(asked)")
+    XCTAssertLessThanOrEqual(total, (4 << 20) + asked.count * 4096, "\(asked)")
+  }
 }

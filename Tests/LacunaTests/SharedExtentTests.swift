@@ -13,32 +13,6 @@ import XCTest
 /// free space. On the test directory's own file system (ext4 or tmpfs here: no reflink),
 /// auto falls back to writing, silently and correctly.
 final class SharedExtentTests: QemuTestCase {
-  /// Mounts a fresh file system of `kind` ("xfs" or "btrfs") made in a sparse loop file;
-  /// unmounted (which frees the loop device) when the test ends, pass or fail.
-  func mountScratch(_ kind: String) throws -> String {
-    guard getuid() == 0 else { throw XCTSkip("making \(kind) in a loop file needs root") }
-    let package = ["xfs": "xfsprogs", "btrfs": "btrfs-progs"][kind] ?? "e2fsprogs"
-    let mkfs = try requireProgram("mkfs.\(kind)", skipping: "mkfs.\(kind) is not installed (apt-get install \(package))")
-    let image = path("\(kind).fs")
-    XCTAssertTrue(FileManager.default.createFile(atPath: image, contents: nil))
-    XCTAssertEqual(truncate(image, 512 << 20), 0)
-    let made = try runProgram(
-      mkfs, kind == "xfs" ? ["-q", "-m", "reflink=1", image] : kind == "ext4" ? ["-q", "-F", image] : ["-q", image])
-    guard made.status == 0 else { throw XCTSkip("mkfs.\(kind) failed: \(made.stderr)") }
-    let mountPoint = path("\(kind)-mnt")
-    try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
-    let mounted = try runProgram("/bin/mount", ["-o", "loop", image, mountPoint])
-    guard mounted.status == 0 else {
-      throw XCTSkip("the kernel refuses a loop mount of \(kind): \(mounted.stderr)")
-    }
-    addTeardownBlock {
-      if (try? runProgram("/bin/umount", [mountPoint]))?.status != 0 {
-        _ = try? runProgram("/bin/umount", ["-l", mountPoint])
-      }
-    }
-    return mountPoint
-  }
-
   /// A 64 MiB raw disk: 8 MiB and 3 MiB of data (a zero MiB inside the first), holes between.
   func makeSource(in directory: String) throws -> String {
     let source = directory + "/src.raw"

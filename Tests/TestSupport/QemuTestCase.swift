@@ -39,3 +39,31 @@ open class QemuTestCase: XCTestCase {
     XCTAssertFalse(outcome.stdout.contains("error"), outcome.stdout, file: file, line: line)
   }
 }
+
+extension QemuTestCase {
+  /// Mounts a fresh file system of `kind` ("xfs" or "btrfs") made in a sparse loop file;
+  /// unmounted (which frees the loop device) when the test ends, pass or fail.
+  public func mountScratch(_ kind: String) throws -> String {
+    guard getuid() == 0 else { throw XCTSkip("making \(kind) in a loop file needs root") }
+    let package = ["xfs": "xfsprogs", "btrfs": "btrfs-progs"][kind] ?? "e2fsprogs"
+    let mkfs = try requireProgram("mkfs.\(kind)", skipping: "mkfs.\(kind) is not installed (apt-get install \(package))")
+    let image = path("\(kind).fs")
+    XCTAssertTrue(FileManager.default.createFile(atPath: image, contents: nil))
+    XCTAssertEqual(truncate(image, 512 << 20), 0)
+    let made = try runProgram(
+      mkfs, kind == "xfs" ? ["-q", "-m", "reflink=1", image] : kind == "ext4" ? ["-q", "-F", image] : ["-q", image])
+    guard made.status == 0 else { throw XCTSkip("mkfs.\(kind) failed: \(made.stderr)") }
+    let mountPoint = path("\(kind)-mnt")
+    try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+    let mounted = try runProgram("/bin/mount", ["-o", "loop", image, mountPoint])
+    guard mounted.status == 0 else {
+      throw XCTSkip("the kernel refuses a loop mount of \(kind): \(mounted.stderr)")
+    }
+    addTeardownBlock {
+      if (try? runProgram("/bin/umount", [mountPoint]))?.status != 0 {
+        _ = try? runProgram("/bin/umount", ["-l", mountPoint])
+      }
+    }
+    return mountPoint
+  }
+}
