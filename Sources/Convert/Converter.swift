@@ -757,9 +757,6 @@ public final class Converter {
     return result
   }
 
-  /// Cuts a window's plan into writer steps: each unit-sized, unit-aligned chunk of the
-  /// disk that holds any data becomes one unit covering the whole chunk (so a unit never
-  /// splits a cluster); chunks without data pass straight to the writer as runs.
   /// Units that go on past a unit boundary while all they hold is data the workers check
   /// where it lies mapped (in `layers`) and zeros, until they hold `data` bytes of it or
   /// span `reach` of the disk: fewer, larger units where a unit costs only the scan.
@@ -777,6 +774,10 @@ public final class Converter {
     }
   }
 
+  /// Cuts a window's plan into writer steps: each unit-sized, unit-aligned chunk of the
+  /// disk that holds any data becomes one unit covering the whole chunk (so a unit never
+  /// splits a cluster); chunks without data pass straight to the writer as runs.
+  /// With `spanning`, a unit goes on past the chunk while it holds what `spanning` holds.
   static func items(_ plan: [Segment], unit: Int64, granularity: Int64, spanning: Spanning? = nil) -> [Item] {
     var items: [Item] = []
     var chunk: [Segment] = []
