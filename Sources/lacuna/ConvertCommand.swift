@@ -2,6 +2,7 @@ import ArgumentParser
 import Convert
 import DiskImage
 import FoundationEssentials
+import LacunaKit
 
 #if canImport(Glibc)
   import Glibc
@@ -165,6 +166,55 @@ struct ConvertCommand: ParsableCommand {
   @Argument(help: "The output image.")
   var destination: String
 
+  /// What the flags ask for: the quick parser (QuickParse.swift) makes the same from the
+  /// same arguments without reflection, and this is what both run.
+  var settings: ConvertSettings {
+    ConvertSettings(
+      sourceFormat: sourceFormat, snapshotOptions: snapshotOptions, oldSnapshot: oldSnapshot,
+      outputFormat: outputFormat, options: options, sparseSize: sparseSize, compress: compress,
+      backing: backing, backingFormat: backingFormat, sourceBackingFormat: sourceBackingFormat,
+      inPlace: inPlace, targetIsZero: targetIsZero, threads: threads, outOfOrder: outOfOrder,
+      cacheMode: cacheMode, progress: progress, progressFormat: progressFormat, quiet: quiet,
+      summary: summary, copyMode: copyMode, forceShare: access.forceShare, untrusted: access.untrusted,
+      source: source, destination: destination)
+  }
+
+  func validate() throws { try settings.validate() }
+
+  func run() throws { try settings.run() }
+}
+
+/// A conversion as the command line asks for it, defaults filled in (the same defaults as
+/// ConvertCommand's declarations; QuickParseTests holds the two to each other).
+struct ConvertSettings: Equatable {
+  var sourceFormat: String? = nil
+  var snapshotOptions: [String] = []
+  var oldSnapshot: String? = nil
+  var outputFormat = "raw"
+  var options: [String] = []
+  var sparseSize = "4k"
+  var compress = false
+  var backing: String? = nil
+  var backingFormat: String? = nil
+  var sourceBackingFormat: String? = nil
+  var inPlace = false
+  var targetIsZero = false
+  var threads: Int? = nil
+  var outOfOrder = false
+  var cacheMode = CacheMode.writeback
+  var progress = false
+  var progressFormat: ProgressFormat? = nil
+  var quiet = false
+  var summary = false
+  var copyMode = CopyModeOption.auto
+  var forceShare = false
+  var untrusted = false
+  var source: String
+  var destination: String
+
+  /// How the source and its backing files are opened (`-U`, `--untrusted`).
+  var resolver: Resolver { LacunaKit.resolver(untrusted: untrusted, forceShare: forceShare) }
+
   func validate() throws {
     guard let size = parseByteSize(sparseSize), size % 512 == 0, size <= 16 << 20 else {
       throw ValidationError("-S takes 0 or a multiple of 512 bytes up to 16M (got '\(sparseSize)')")
@@ -193,7 +243,7 @@ struct ConvertCommand: ParsableCommand {
     request.engine.sparseSize = Int(parseByteSize(sparseSize)!)
     if let threads {
       request.engine.threads = threads
-    } else if access.resolver.isNetworkName(source) {
+    } else if resolver.isNetworkName(source) {
       // Reading from a server is waiting more than working: more requests at once.
       request.engine.threads = 8
     }
@@ -203,7 +253,7 @@ struct ConvertCommand: ParsableCommand {
     request.engine.progress = meter.map { meter in { meter.update(done: $0, total: $1) } }
     request.warn = { printError($0) }
 
-    let conversion = try Conversion.open(request, resolver: access.resolver)
+    let conversion = try Conversion.open(request, resolver: resolver)
     let statistics = try conversion.run()
     meter?.finish()
     guard summary && !quiet else { return }

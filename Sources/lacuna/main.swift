@@ -14,8 +14,13 @@ if lacuna_ensure_standard_descriptors() != 0 {
 // Exit status: 0 success, 1 an image or I/O problem, 2 a usage error (as the issue and
 // most Unix tools have it; swift-argument-parser's default for usage errors is 64).
 do {
-  var command = try Lacuna.parseAsRoot()
-  try command.run()
+  // The plain forms of `convert` skip swift-argument-parser's reflection (QuickParse.swift).
+  if let quick = QuickParse.command(CommandLine.arguments.dropFirst()) {
+    try quick()
+  } else {
+    var command = try Lacuna.parseAsRoot()
+    try command.run()
+  }
 } catch let error as ImageError {
   printError(error.description)
   if case .usage = error { exit(2) }
