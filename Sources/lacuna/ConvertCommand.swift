@@ -175,7 +175,7 @@ struct ConvertCommand: ParsableCommand {
       backing: backing, backingFormat: backingFormat, sourceBackingFormat: sourceBackingFormat,
       inPlace: inPlace, targetIsZero: targetIsZero, threads: threads, outOfOrder: outOfOrder,
       cacheMode: cacheMode, progress: progress, progressFormat: progressFormat, quiet: quiet,
-      summary: summary, copyMode: copyMode, forceShare: access.forceShare, untrusted: access.untrusted,
+      summary: summary, copyMode: copyMode, access: access.settings,
       source: source, destination: destination)
   }
 
@@ -207,13 +207,9 @@ struct ConvertSettings: Equatable {
   var quiet = false
   var summary = false
   var copyMode = CopyModeOption.auto
-  var forceShare = false
-  var untrusted = false
+  var access = AccessSettings()
   var source: String
   var destination: String
-
-  /// How the source and its backing files are opened (`-U`, `--untrusted`).
-  var resolver: Resolver { LacunaKit.resolver(untrusted: untrusted, forceShare: forceShare) }
 
   func validate() throws {
     guard let size = parseByteSize(sparseSize), size % 512 == 0, size <= 16 << 20 else {
@@ -243,7 +239,7 @@ struct ConvertSettings: Equatable {
     request.engine.sparseSize = Int(parseByteSize(sparseSize)!)
     if let threads {
       request.engine.threads = threads
-    } else if resolver.isNetworkName(source) {
+    } else if access.resolver.isNetworkName(source) {
       // Reading from a server is waiting more than working: more requests at once.
       request.engine.threads = 8
     }
@@ -253,7 +249,7 @@ struct ConvertSettings: Equatable {
     request.engine.progress = meter.map { meter in { meter.update(done: $0, total: $1) } }
     request.warn = { printError($0) }
 
-    let conversion = try Conversion.open(request, resolver: resolver)
+    let conversion = try Conversion.open(request, resolver: access.resolver)
     let statistics = try conversion.run()
     meter?.finish()
     guard summary && !quiet else { return }

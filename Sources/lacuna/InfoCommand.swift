@@ -35,6 +35,24 @@ struct InfoCommand: ParsableCommand {
   @Argument(help: "The image.")
   var image: String
 
+  /// What the flags ask for: the quick parser (QuickParse.swift) makes the same from the
+  /// same arguments without reflection, and this is what both run.
+  var settings: InfoSettings {
+    InfoSettings(format: format, output: output, backingChain: backingChain, access: access.settings, image: image)
+  }
+
+  func run() throws { try settings.run() }
+}
+
+/// `lacuna info` as the command line asks for it, defaults filled in (the same defaults as
+/// InfoCommand's declarations; QuickParseTests holds the two to each other).
+struct InfoSettings: Equatable {
+  var format: String? = nil
+  var output = OutputFormat.human
+  var backingChain = false
+  var access = AccessSettings()
+  var image: String
+
   func run() throws {
     // An untrusted image is refused if it names another file, even when only the image
     // itself is shown: that is the check uploads need.

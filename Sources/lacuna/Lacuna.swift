@@ -81,10 +81,20 @@ struct ImageAccess: ParsableArguments {
     help: "The image comes from elsewhere (an upload): refuse it if it names any other file (a backing file), and read only regular files.")
   var untrusted = false
 
+  /// What these flags ask for, as the quick parser (QuickParse.swift) gives it too.
+  var settings: AccessSettings { AccessSettings(forceShare: forceShare, untrusted: untrusted) }
+
   /// The resolver these flags ask for.
-  var resolver: Resolver {
-    LacunaKit.resolver(untrusted: untrusted, forceShare: forceShare)
-  }
+  var resolver: Resolver { settings.resolver }
+}
+
+/// `-U` and `--untrusted` as values, for the settings the verbs run with.
+struct AccessSettings: Equatable {
+  var forceShare = false
+  var untrusted = false
+
+  /// How the image and its backing files are opened.
+  var resolver: Resolver { LacunaKit.resolver(untrusted: untrusted, forceShare: forceShare) }
 }
 
 /// A failure that is not an image's fault, with the exit status it deserves.

@@ -41,6 +41,26 @@ struct MapCommand: ParsableCommand {
   @Argument(help: "The image.")
   var image: String
 
+  /// What the flags ask for: the quick parser (QuickParse.swift) makes the same from the
+  /// same arguments without reflection, and this is what both run.
+  var settings: MapSettings {
+    MapSettings(format: format, output: output, startOffset: startOffset, maxLength: maxLength, access: access.settings,
+      image: image)
+  }
+
+  func run() throws { try settings.run() }
+}
+
+/// `lacuna map` as the command line asks for it, defaults filled in (the same defaults as
+/// MapCommand's declarations; QuickParseTests holds the two to each other).
+struct MapSettings: Equatable {
+  var format: String? = nil
+  var output = OutputFormat.human
+  var startOffset: String? = nil
+  var maxLength: String? = nil
+  var access = AccessSettings()
+  var image: String
+
   func run() throws {
     let chain = try access.resolver.openChain(image, format: format)
     for layer in chain.layers { for warning in layer.warnings { printError("\(layer.path): \(warning)") } }
