@@ -4,31 +4,37 @@
 // swift-argument-parser builds its picture of a command by reflecting on it (Mirror,
 // dynamic casts, generic metadata made at run time); for `convert` that takes 2-4 ms,
 // more than a conversion of a 1 GiB file that the file system clones, and as much as
-// `info` or `map` of a small image takes in all. This parser reads
-// only what it is sure of: known option names, each value in the next argument or after
-// `--name=`, flags alone, and the two images. For anything else (--help, --version, an
-// unknown or repeated option, combined short flags, `--`, a value that starts with `-`,
-// a value the option does not take, or settings that fail validation) it gives up and
-// swift-argument-parser parses the whole command line as before, so the messages,
-// help, completion scripts and exit statuses are its own. QuickParseTests holds the two
-// parsers to the same result.
+// `info` or `map` of a small image takes in all. This parser reads only what it is sure
+// of: known option names, each value in the next argument or after `--name=`, flags
+// alone, and the images. For anything else (--help, --version, an unknown or repeated
+// option, combined short flags, `--`, a value that starts with `-`, a value the option
+// does not take, or settings that fail validation) it gives up and swift-argument-parser
+// parses the whole command line as before, so the messages, help, completion scripts and
+// exit statuses are its own. QuickParseTests holds the two parsers to the same result.
 
 /// One option the quick parser knows: its spellings, and how it changes the settings.
 struct QuickOption<Settings> {
+  enum Action {
+    /// Sets a value; says false when the value is not one the option takes.
+    case value((inout Settings, String) -> Bool)
+    case flag((inout Settings) -> Void)
+  }
+
   var names: [String]
-  /// nil for a flag, which is set without a value.
-  var set: ((inout Settings, String) -> Bool)?
-  var setFlag: ((inout Settings) -> Void)?
+  var action: Action
   /// May be given more than once (each value is added).
   var repeats = false
 
-  /// An option with a value; `set` says false when the value is not one the option takes.
+  var takesValue: Bool {
+    if case .value = action { true } else { false }
+  }
+
   static func value(_ names: String..., repeats: Bool = false, set: @escaping (inout Settings, String) -> Bool) -> Self {
-    QuickOption(names: names, set: set, setFlag: nil, repeats: repeats)
+    QuickOption(names: names, action: .value(set), repeats: repeats)
   }
 
   static func flag(_ names: String..., set: @escaping (inout Settings) -> Void) -> Self {
-    QuickOption(names: names, set: nil, setFlag: set)
+    QuickOption(names: names, action: .flag(set))
   }
 }
 
@@ -58,7 +64,7 @@ enum QuickParse {
       }
       guard let option = options.firstIndex(where: { $0.names.contains(name) }) else { return nil }
       guard seen.insert(option).inserted || options[option].repeats else { return nil }
-      if options[option].set == nil {
+      guard options[option].takesValue else {
         guard inline == nil else { return nil }
         given.append((option, nil))
         continue
@@ -74,10 +80,9 @@ enum QuickParse {
     guard images.count == positionals else { return nil }
     var settings = make(images)
     for (option, value) in given {
-      if let value {
-        guard options[option].set!(&settings, value) else { return nil }
-      } else {
-        options[option].setFlag!(&settings)
+      switch options[option].action {
+      case .value(let set): guard let value, set(&settings, value) else { return nil }
+      case .flag(let set): set(&settings)
       }
     }
     return settings

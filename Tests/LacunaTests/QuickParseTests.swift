@@ -87,7 +87,7 @@ final class QuickParseTests: XCTestCase {
       declared.append("\(names.sorted()) \(kind == "flag" ? "flag" : "value")\(repeats ? " repeats" : "")")
     }
     let quick = verb.options.map { option in
-      "\(option.names.sorted()) \(option.set == nil ? "flag" : "value")\(option.repeats ? " repeats" : "")"
+      "\(option.names.sorted()) \(option.takesValue ? "value" : "flag")\(option.repeats ? " repeats" : "")"
     }
     XCTAssertEqual(declared.sorted(), quick.sorted(), verb.name)
     XCTAssertEqual(positionals, verb.positionals, verb.name)
